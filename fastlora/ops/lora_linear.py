@@ -1,0 +1,503 @@
+"""The fused QLoRA linear: ``y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias``.
+
+Contract
+--------
+``W`` is frozen: an :class:`fastlora.NF4Weight` (bitsandbytes NF4 layout) or a plain
+``[out, in]`` tensor. ``A`` ``[r, in]`` and ``B`` ``[out, r]`` are PEFT's ``lora_A`` /
+``lora_B`` weights. The result matches PEFT's LoRA layer over bitsandbytes'
+``Linear4bit`` (the numerics we must not change under a user):
+
+* the NF4 weight is dequantized to its own dtype (``code·absmax`` in fp32, one RNE
+  cast), then cast to ``x.dtype``; the bias is cast to ``x.dtype``;
+* the LoRA branch runs in the LoRA weights' dtype (PEFT casts ``x`` to
+  ``lora_A.weight.dtype``) and its result is cast back to ``x.dtype`` before the add.
+
+Backward gives dx, dA, dB and dbias, never a gradient for W. Nothing of size
+``[out, in]`` is kept between forward and backward: the backward decodes W again (in
+registers on GPU). Rank-r products come first: ``(dy·B)·A``, never ``dy·(B·A)``.
+
+Dropout keeps its mask as a bool tensor ``[M, in]`` saved for backward, and x itself
+(which the caller usually keeps alive anyway) rather than ``dropout(x)``: one byte per
+element instead of a second copy of x. A seed-regenerated mask would save that byte too,
+but it ties exactness to reproducing one RNG stream on every backend, and a silent
+mismatch there would corrupt gradients; the bool mask cannot.
+
+Layout of this file, in flash-attention's order: the reference (the spec and the test
+oracle), the compute core as ``torch.library`` ops with fake implementations (Triton
+kernels live in ``fastlora/kernels/lora_linear_triton.py``, the decode GEMV in
+``csrc/nf4_gemv_cuda.cu``), the ``autograd.Function``, the functional wrapper.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Backend, select
+
+__all__ = ["lora_linear", "lora_linear_reference", "dequantize_nf4_reference", "GEMV_MAX_M"]
+
+# Largest row count served by the CUDA decode GEMV; above it the Triton GEMM wins
+# because the weight tile is reused across rows.
+GEMV_MAX_M = 16
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: the spec. Pure torch, any device, any float dtype.
+# ---------------------------------------------------------------------------------------
+
+
+def dequantize_nf4_reference(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dense ``shape`` tensor in ``dtype`` from bitsandbytes NF4 storage.
+
+    ``packed`` holds element 2i in the high nibble of byte i, flat row-major; block b
+    covers flat elements ``[b·blocksize, (b+1)·blocksize)`` (it may span rows);
+    ``absmax`` is the decoded fp32 scale per block. ``value = code[nib]·absmax`` in fp32,
+    then one round-to-nearest-even cast, as every bitsandbytes backend does.
+    """
+    n = shape[0] * shape[1]
+    flat = packed.reshape(-1)
+    nib = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()  # (n,)
+    scale = absmax.float().repeat_interleave(blocksize)[:n]  # (n,)
+    return (code.float()[nib] * scale).to(dtype).reshape(shape)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """PEFT's LoRA layer over a dense weight, autograd by torch.
+
+    ``weight`` is the dense (dequantized) ``[out, in]`` weight; ``dropout_mask`` (bool,
+    x's shape) is the keep mask with drop probability ``dropout``.
+    """
+    base = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    xd = x if dropout_mask is None else _apply_dropout(x, dropout_mask, dropout)
+    lora = (xd.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t() * scaling
+    return base + lora.to(x.dtype)
+
+
+def _apply_dropout(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    # One helper for forward and backward so both see bit-identical dropout(x).
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    return x.masked_fill(~mask, 0) * (1.0 / (1.0 - p))
+
+
+# ---------------------------------------------------------------------------------------
+# Compute core: torch.library ops (the NF4 matmuls with their fused epilogues).
+# ---------------------------------------------------------------------------------------
+
+
+def _dequantize_for(
+    packed, absmax, code, shape, blocksize, weight_dtype, out_dtype, backend: Backend
+) -> torch.Tensor:
+    """Dense W in ``out_dtype`` (via ``weight_dtype``), for the unfused paths."""
+    w = None
+    if backend is Backend.CPP:
+        w = _cpp_dequantize(packed, absmax, code, shape, blocksize, weight_dtype)
+    if w is None:
+        w = dequantize_nf4_reference(packed, absmax, code, shape, blocksize, weight_dtype)
+    return w.to(out_dtype)
+
+
+def _cpp_dequantize(packed, absmax, code, shape, blocksize, dtype):
+    """The C++ dequantizer of ``fastlora.nf4`` when it offers a raw-tensor entry point,
+    else None (the caller then runs the reference: same bits, slower)."""
+    try:
+        from .. import nf4 as _nf4
+    except ImportError:
+        return None
+    fn = getattr(_nf4, "dequantize_raw", None)
+    if fn is None:
+        return None
+    return fn(packed, absmax, code, tuple(shape), blocksize, dtype, backend=Backend.CPP)
+
+
+@torch.library.custom_op("fastlora::nf4_linear_fwd", mutates_args=())
+def nf4_linear_fwd(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    xa: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """``x·Wᵀ + scaling·(xa·Bᵀ) + bias`` with W in NF4; x ``(M, K)``, xa ``(M, r)``,
+    lora_B ``(N, r)``, bias ``(N,)``; returns ``(M, N)`` in x.dtype."""
+    b = Backend(backend)
+    N, K = out_features, x.shape[1]
+    if b is Backend.TRITON:
+        from ..kernels.lora_linear_triton import nf4_matmul
+
+        return nf4_matmul(
+            x, packed, absmax, code, N, K, blocksize, weight_dtype,
+            transpose_w=True, lora_left=xa, lora_right=lora_B, scaling=scaling, bias=bias,
+        )
+    if b is Backend.CUDA:
+        y = _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias)
+    else:
+        w = _dequantize_for(packed, absmax, code, (N, K), blocksize, weight_dtype, x.dtype, b)
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if xa is not None:
+        y = y + ((xa @ lora_B.t()) * scaling).to(y.dtype)
+    return y
+
+
+@nf4_linear_fwd.register_fake
+def _(x, packed, absmax, code, out_features, blocksize, weight_dtype, xa, lora_B, scaling, bias, backend):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("fastlora::nf4_linear_bwd_input", mutates_args=())
+def nf4_linear_bwd_input(
+    dy: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    in_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    t: Optional[torch.Tensor],
+    lora_A: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """``dy·W + t·A`` with W in NF4; dy ``(M, N)``, t ``(M, r)``, lora_A ``(r, K)``;
+    returns ``(M, K)`` in dy.dtype. ``t`` is the LoRA branch's gradient at ``x·Aᵀ``
+    (already scaled); pass None when dropout sits between (the caller masks it)."""
+    b = Backend(backend)
+    N, K = dy.shape[1], in_features
+    if b is Backend.TRITON:
+        from ..kernels.lora_linear_triton import nf4_matmul
+
+        return nf4_matmul(
+            dy, packed, absmax, code, N, K, blocksize, weight_dtype,
+            transpose_w=False, lora_left=t, lora_right=lora_A, scaling=1.0, bias=None,
+        )
+    w = _dequantize_for(packed, absmax, code, (N, K), blocksize, weight_dtype, dy.dtype, b)
+    dx = dy @ w
+    if t is not None:
+        dx = dx + (t @ lora_A).to(dx.dtype)
+    return dx
+
+
+@nf4_linear_bwd_input.register_fake
+def _(dy, packed, absmax, code, in_features, blocksize, weight_dtype, t, lora_A, backend):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+def _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias):
+    """Decode-sized ``x·Wᵀ (+ bias)`` by the CUDA kernel of csrc/nf4_gemv_cuda.cu."""
+    from .. import _ext
+
+    ext = _ext.require("the NF4 decode GEMV", cuda=True)
+    M = x.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    x = x if x.stride(1) == 1 else x.contiguous()
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    ext.nf4_gemv(
+        x.data_ptr(), x.stride(0), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+        0 if b is None else b.data_ptr(), y.data_ptr(),
+        M, N, K, blocksize, _GEMV_DTYPE[x.dtype], _GEMV_DTYPE[weight_dtype],
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return y
+
+
+# dtype codes shared with csrc/nf4_gemv_cuda.cu
+_GEMV_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------
+
+
+class _NF4Storage:
+    """The tensors and metadata of a frozen NF4 weight, as the ops take them."""
+
+    __slots__ = ("packed", "absmax", "code", "shape", "blocksize", "dtype")
+
+    def __init__(self, w):
+        self.packed = w.packed
+        self.absmax = w.absmax_f32()
+        self.code = w.code
+        self.shape = (int(w.shape[0]), int(w.shape[1]))
+        self.blocksize = int(w.blocksize)
+        self.dtype = w.dtype
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Inputs: x2d ``(M, K)``, the weight's tensors, A ``(r, K)``, B ``(N, r)``, bias
+    ``(N,)`` or None. The weight is either dense (``dense``) or NF4 (``packed``,
+    ``absmax``, ``code`` with ``meta``)."""
+
+    @staticmethod
+    def forward(ctx, x, dense, packed, absmax, code, lora_A, lora_B, bias, meta):
+        scaling, p, shape, blocksize, wdtype, fwd_backend, bwd_backend = meta
+        N, K = shape
+        mask = None
+        if p > 0.0:
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        xd = x if mask is None else _apply_dropout(x, mask, p)
+        xa = xd.to(lora_A.dtype) @ lora_A.t()  # (M, r) in the LoRA dtype
+        if dense is not None:
+            y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
+            y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
+        else:
+            y = torch.ops.fastlora.nf4_linear_fwd(
+                x, packed, absmax, code, N, blocksize, wdtype, xa, lora_B, scaling,
+                bias, fwd_backend.value,
+            )
+        ctx.save_for_backward(x, mask, xa, dense, packed, absmax, code, lora_A, lora_B)
+        ctx.meta = meta
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mask, xa, dense, packed, absmax, code, lora_A, lora_B = ctx.saved_tensors
+        scaling, p, shape, blocksize, wdtype, fwd_backend, bwd_backend = ctx.meta
+        N, K = shape
+        need_x, _, _, _, _, need_A, need_B, need_bias, _ = ctx.needs_input_grad
+
+        g = dy.to(lora_B.dtype)  # (M, N): PEFT's LoRA branch runs in its own dtype
+        dB = (g.t() @ xa) * scaling if need_B else None  # (N, r)
+        dxa = (g @ lora_B) * scaling if (need_A or need_x) else None  # (M, r)
+        dA = None
+        if need_A:
+            xd = x if mask is None else _apply_dropout(x, mask, p)
+            dA = dxa.t() @ xd.to(lora_A.dtype)  # (r, K)
+
+        dx = None
+        if need_x:
+            # Without dropout the LoRA term joins the base GEMM's epilogue; with it, the
+            # mask applies to that term alone.
+            fused = mask is None
+            if dense is not None:
+                dx = dy @ dense
+            else:
+                dx = torch.ops.fastlora.nf4_linear_bwd_input(
+                    dy, packed, absmax, code, K, blocksize, wdtype,
+                    dxa if fused else None, lora_A if fused else None, bwd_backend.value,
+                )
+            if dense is not None and fused:
+                dx = dx + (dxa @ lora_A).to(dx.dtype)
+            elif not fused:
+                dx = dx + _apply_dropout((dxa @ lora_A).to(dx.dtype), mask, p)
+
+        dbias = None
+        if need_bias:
+            dbias = dy.sum(0).to(ctx.bias_dtype)
+        return dx, None, None, None, None, dA, dB, dbias, None
+
+
+# ---------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------
+
+
+def _fmt(shape) -> str:
+    return str(tuple(int(s) for s in shape))
+
+
+def _is_nf4(weight) -> bool:
+    return not isinstance(weight, torch.Tensor) and all(
+        hasattr(weight, a) for a in ("packed", "absmax_f32", "code", "shape", "blocksize", "dtype")
+    )
+
+
+def _check(x, weight, lora_A, lora_B, scaling, bias, dropout):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension [..., in], got shape {_fmt(x.shape)}")
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out, in], got shape {_fmt(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise ValueError(
+                f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; a plain weight "
+                "must match x (as in nn.Linear)"
+            )
+        if weight.requires_grad:
+            raise ValueError(
+                f"weight (shape {_fmt(weight.shape)}) requires grad, but lora_linear treats "
+                "the base weight as frozen and never computes its gradient; freeze it "
+                "(weight.requires_grad_(False)) or use a plain linear layer"
+            )
+        N, K = weight.shape
+        wdev = weight.device
+    elif _is_nf4(weight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4 weight must be [out, in], got shape {_fmt(weight.shape)}")
+        N, K = int(weight.shape[0]), int(weight.shape[1])
+        wdev = weight.packed.device
+    else:
+        raise TypeError(
+            f"weight must be a torch.Tensor [out, in] or an NF4Weight, got {type(weight).__name__}"
+        )
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x has shape {_fmt(x.shape)} (in_features {x.shape[-1]}) but weight has shape "
+            f"{_fmt((N, K))} (in_features {K})"
+        )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {_fmt(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != K:
+        raise ValueError(
+            f"lora_A has shape {_fmt(lora_A.shape)} but x has in_features {K} "
+            f"(x shape {_fmt(x.shape)}); lora_A must be [r, in]"
+        )
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(
+            f"lora_B has shape {_fmt(lora_B.shape)} but weight has out_features {N} and "
+            f"lora_A has shape {_fmt(lora_A.shape)} (rank {r}); lora_B must be [out, r] = {_fmt((N, r))}"
+        )
+    if lora_A.dtype != lora_B.dtype:
+        raise ValueError(
+            f"lora_A has dtype {lora_A.dtype} (shape {_fmt(lora_A.shape)}) but lora_B has dtype "
+            f"{lora_B.dtype} (shape {_fmt(lora_B.shape)}); they must match"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(
+                f"bias has shape {_fmt(bias.shape)} but weight has shape {_fmt((N, K))}; "
+                f"bias must be ({N},)"
+            )
+    for name, t in (("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        dev = wdev if name == "weight" else (None if t is None else t.device)
+        if dev is not None and dev != x.device:
+            raise ValueError(f"{name} is on {dev} but x is on {x.device}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    return N, K
+
+
+def _check_nf4(st: _NF4Storage, x: torch.Tensor):
+    N, K = st.shape
+    n = N * K
+    if st.packed.dtype != torch.uint8 or st.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"NF4 weight of shape {_fmt(st.shape)} needs {(n + 1) // 2} packed uint8 bytes, "
+            f"got packed of shape {_fmt(st.packed.shape)} and dtype {st.packed.dtype}"
+        )
+    nblocks = -(-n // st.blocksize) if st.blocksize > 0 else -1
+    if st.blocksize <= 0 or st.absmax.numel() != nblocks or st.absmax.dtype != torch.float32:
+        raise ValueError(
+            f"NF4 weight of shape {_fmt(st.shape)} with blocksize {st.blocksize} needs "
+            f"{nblocks} float32 absmax values, got shape {_fmt(st.absmax.shape)} dtype {st.absmax.dtype}"
+        )
+    if st.code.numel() != 16 or st.code.dtype != torch.float32:
+        raise ValueError(
+            f"NF4 code table must be 16 float32 values, got shape {_fmt(st.code.shape)} dtype {st.code.dtype}"
+        )
+    if not st.dtype.is_floating_point:
+        raise ValueError(f"NF4 weight dtype must be floating point, got {st.dtype}")
+    for name in ("packed", "absmax", "code"):
+        if getattr(st, name).device != x.device:
+            raise ValueError(f"NF4 weight {name} is on {getattr(st, name).device} but x is on {x.device}")
+
+
+def _choose_backends(device, M, dtype, backend):
+    """(forward, backward) backends for the NF4 path."""
+    if device.type == "cuda":
+        gpu_ok = dtype in _TRITON_DTYPES
+        prefs = ([Backend.CUDA] if M <= GEMV_MAX_M and dtype != torch.float32 else []) + [Backend.TRITON]
+        fwd = select("lora_linear", device, prefs if gpu_ok else [], backend)
+        if fwd is Backend.CUDA:
+            # the GEMV serves x·Wᵀ only; dy·W is a GEMM over the same decode in Triton
+            bwd = select("lora_linear.backward", device, [Backend.TRITON], Backend.AUTO)
+        else:
+            bwd = fwd
+        return fwd, bwd
+    prefs = [Backend.CPP]
+    req = Backend.parse(backend)
+    if req is Backend.TRITON:  # the interpreter, for tests
+        prefs = [Backend.TRITON] + prefs
+    fwd = select("lora_linear", device, prefs, backend)
+    if fwd is Backend.TRITON and dtype not in _TRITON_DTYPES:
+        raise ValueError(f"lora_linear: the triton backend supports {list(_TRITON_DTYPES)}, x has dtype {dtype}")
+    return fwd, fwd
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    *,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias``, differentiable in x, A, B, bias.
+
+    Args:
+        x: ``(..., in)``, any leading dims, any strides.
+        weight: frozen ``NF4Weight`` or tensor ``(out, in)`` (same dtype as x).
+        lora_A: ``(r, in)``; lora_B: ``(out, r)`` (PEFT layout, same dtype as each other).
+        scaling: LoRA's ``alpha / r``.
+        bias: ``(out,)`` or None (cast to x.dtype, as bitsandbytes does).
+        dropout: drop probability of the LoRA input, as ``F.dropout(training=True)``;
+            pass 0.0 in eval.
+        backend: force a backend (see :mod:`fastlora.backend`); default AUTO.
+
+    Returns:
+        ``(..., out)`` in x.dtype.
+    """
+    N, K = _check(x, weight, lora_A, lora_B, scaling, bias, dropout)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)  # (M, K); a view when x's strides allow
+    M = x2d.shape[0]
+    if isinstance(weight, torch.Tensor):
+        dense, packed, absmax, code = weight, None, None, None
+        blocksize, wdtype = 0, weight.dtype
+        fwd_b = bwd_b = Backend.REFERENCE  # dense matmuls are torch's (cuBLAS / MKL)
+    else:
+        st = _NF4Storage(weight)
+        _check_nf4(st, x)
+        dense, packed, absmax, code = None, st.packed, st.absmax, st.code
+        blocksize, wdtype = st.blocksize, st.dtype
+        fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
+    meta = (float(scaling), float(dropout), (N, K), blocksize, wdtype, fwd_b, bwd_b)
+    y = LoRALinearFunction.apply(x2d, dense, packed, absmax, code, lora_A, lora_B, bias, meta)
+    return y.reshape(*lead, N)  # (..., N)
