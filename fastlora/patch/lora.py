@@ -1,0 +1,215 @@
+"""Handler for PEFT LoRA layers, and the bitsandbytes repack guard.
+
+A PEFT ``lora.Linear`` (base ``nn.Linear``) or ``lora.bnb.Linear4bit`` (base bnb
+``Linear4bit`` holding NF4) gets a forward that runs ``fastlora.lora_linear``: the base
+matmul (NF4 read in place through ``NF4Weight.from_bnb``), the first active adapter,
+its dropout and the base bias in one op. Further active adapters are added as PEFT adds
+them. PEFT's state is read at every call, so ``disable_adapter()``, ``merge_adapter()``,
+``set_adapter`` and the train/eval switch behave as without the patch:
+
+* adapters disabled, or merged into the base weight -> the original forward, which then
+  runs the base layer only (exactly what PEFT does; nothing to fuse);
+* ``adapter_names=`` (mixed-batch inference) or a variant kwarg -> the original forward;
+* dropout p in training mode, none in eval mode (the module's own ``training`` flag).
+
+Numerics follow PEFT + bitsandbytes: x is cast to the base layer's compute dtype (bnb's
+``compute_dtype`` rule, or the autocast dtype under autocast), the LoRA product runs in
+the adapter weights' dtype (fp32 adapters on a bf16 model stay fp32, as in PEFT; under
+autocast they are cast to the autocast dtype, as F.linear would), and the output comes
+back in x's dtype.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .._ext import warn_once
+from . import _bind
+
+KIND_NF4 = "lora/bnb-nf4"
+KIND_LINEAR = "lora/linear"
+
+
+def _bnb_linear4bit_type():
+    bnb = sys.modules.get("bitsandbytes")  # a model holding bnb layers has imported it
+    return None if bnb is None else bnb.nn.Linear4bit
+
+
+def _peft_lora_types() -> tuple[type, ...]:
+    """The exact PEFT classes whose forward we know (subclasses may change it)."""
+    if "peft" not in sys.modules:
+        return ()
+    from peft.tuners.lora import layer
+
+    types_ = [layer.Linear]
+    bnb_mod = sys.modules.get("peft.tuners.lora.bnb")
+    if bnb_mod is not None and hasattr(bnb_mod, "Linear4bit"):
+        types_.append(bnb_mod.Linear4bit)
+    return tuple(types_)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.lora.layer import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def is_packed_for_cpu(weight) -> bool:
+    qs = getattr(weight, "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def protect_bnb_weights(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights in place on CPU; returns the count.
+
+    bitsandbytes 0.50 rewrites a ``Linear4bit``'s ``weight.data`` into another layout
+    the first time it runs on CPU in eval mode without grad (an evaluation before
+    training). Training afterwards reads the repacked bytes as NF4 and diverges. The
+    rewrite is gated on the instance attribute ``support_avx512bf16_for_cpu``; clearing
+    it keeps bnb on its ordinary dequantize path, with the same results.
+    """
+    linear4bit = _bnb_linear4bit_type()
+    if linear4bit is None:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def base_kind(base: nn.Module) -> tuple[str | None, str | None]:
+    """(kind, None) for a base layer we can fuse, else (None, reason)."""
+    linear4bit = _bnb_linear4bit_type()
+    if linear4bit is not None and isinstance(base, linear4bit):
+        if type(base) is not linear4bit:
+            return None, f"base layer is {type(base).__name__}, a subclass of bnb Linear4bit"
+        qs = getattr(base.weight, "quant_state", None)
+        qtype = getattr(qs, "quant_type", getattr(base.weight, "quant_type", None))
+        if qtype != "nf4":
+            return None, f"bnb 4-bit quant_type {qtype!r} (only nf4 is fused)"
+        if qs is None:
+            return None, "bnb weight is not quantized yet (no quant_state; move it to a device first)"
+        if is_packed_for_cpu(base.weight):
+            return None, (
+                "bnb already repacked this weight for CPU inference "
+                "(quant_state.packing_format_for_cpu); its bytes are no longer NF4. "
+                "Call fastlora.protect_bnb_weights(model) before any eval/no-grad forward"
+            )
+        return KIND_NF4, None
+    if type(base) is nn.Linear:
+        return KIND_LINEAR, None
+    return None, f"base layer type {type(base).__module__}.{type(base).__name__} is not fused"
+
+
+def _adapter_reason(module: nn.Module, adapters) -> str | None:
+    for a in adapters:
+        if a in getattr(module, "lora_variant", {}):
+            variant = type(module.lora_variant[a]).__name__
+            what = "DoRA (use_dora)" if module.use_dora.get(a, False) else variant
+            return f"adapter {a!r} uses {what}, which has no exact fused path"
+        if getattr(module, "lora_bias", {}).get(a, False):
+            return f"adapter {a!r} has lora_bias=True"
+        drop = module.lora_dropout[a]
+        if type(drop) not in (nn.Dropout, nn.Identity):
+            return f"adapter {a!r} has dropout module {type(drop).__name__}"
+        if type(module.lora_A[a]) is not nn.Linear or type(module.lora_B[a]) is not nn.Linear:
+            return f"adapter {a!r} has non-Linear lora_A/lora_B"
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why this LoRA layer keeps its original forward, or None if we can fuse it."""
+    lora_types = _peft_lora_types()
+    if type(module) not in lora_types:
+        return f"PEFT layer type {type(module).__module__}.{type(module).__name__} has no fastlora handler"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style weight)"
+    kind, why = base_kind(module.get_base_layer())
+    if kind is None:
+        return why
+    return _adapter_reason(module, list(module.lora_A.keys()))
+
+
+def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if kind == KIND_NF4:
+        # bnb's rule: the first call fixes compute_dtype from x when none was given.
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        return base.compute_dtype or x.dtype
+    return base.weight.dtype
+
+
+def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward bound on a patched PEFT LoRA layer."""
+    st = _bind.state(self)
+    if (
+        args
+        or any(v is not None for v in kwargs.values())
+        or self.disable_adapters
+        or self.merged
+    ):
+        return st.original(x, *args, **kwargs)
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if not adapters:
+        return st.original(x, *args, **kwargs)
+    base = self.get_base_layer()
+    kind, why = base_kind(base)
+    why = why or _adapter_reason(self, adapters)
+    if why is not None:
+        # The layer changed after patching (a new DoRA adapter, a repacked weight...).
+        warn_once(f"lora-runtime:{why}", f"fastlora: a LoRA layer runs its original forward: {why}")
+        return st.original(x, *args, **kwargs)
+
+    from ..ops.lora_linear import lora_linear
+
+    cd = _compute_dtype(base, kind, x)
+    if kind == KIND_NF4:
+        from ..nf4 import NF4Weight
+
+        weight = NF4Weight.from_bnb(base.weight)  # a view, re-read each call: merges replace it
+    else:
+        weight = base.weight.to(cd)
+        if weight.requires_grad:  # lora_linear treats W as frozen; PEFT freezes it
+            warn_once("lora-runtime:trainable-base", "fastlora: a LoRA layer whose base weight "
+                      "requires grad runs its original forward")
+            return st.original(x, *args, **kwargs)
+    bias = None if base.bias is None else base.bias.to(cd)
+    xc = x.to(cd)
+
+    first, rest = adapters[0], adapters[1:]
+    autocast = torch.is_autocast_enabled(x.device.type)
+    ad = cd if autocast else self.lora_A[first].weight.dtype
+    drop = self.lora_dropout[first]
+    p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
+    with torch.autocast(x.device.type, enabled=False):
+        out = lora_linear(
+            xc,
+            weight,
+            self.lora_A[first].weight.to(ad),
+            self.lora_B[first].weight.to(ad),
+            scaling=self.scaling[first],
+            bias=bias,
+            dropout=p,
+            **({} if st.extra is None else {"backend": st.extra}),
+        )
+    out = out.to(x.dtype)
+    for a in rest:  # as PEFT adds each further adapter
+        lora_A, lora_B = self.lora_A[a], self.lora_B[a]
+        xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+        out = out + (lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]).to(out.dtype)
+    return out
+
+
+def patch_layer(module: nn.Module, backend=None) -> str:
+    kind, _ = base_kind(module.get_base_layer())
+    _bind.bind(module, kind, lora_forward, extra=backend)
+    return kind
