@@ -1,0 +1,146 @@
+"""The ``fastlora`` command: ``sft``, ``merge``, ``bench`` and ``info``.
+
+It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
+``--config file.yaml`` if given, every flag overriding the file) and calls
+``fastlora.train.sft``; ``merge`` calls ``fastlora.train.merge``; ``bench`` calls
+``fastlora.bench.run``; ``info`` prints ``fastlora.backend.backend_info()``.
+The flags of ``sft`` are generated from SFTConfig's fields (``lora_r`` → ``--lora-r``,
+booleans as ``--patch/--no-patch``), so the two cannot drift apart.
+
+Bad input (missing file, wrong model path, unknown option, ...) exits with status 2
+and a one-line message, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Sequence
+
+_HELP = {
+    "model": "local Hugging Face model dir (default: the embedded SmolLM2-135M-Instruct)",
+    "data": "training files (.jsonl/.json/.csv) or datasets dirs (default: the embedded healthcare task)",
+    "data_format": "auto | alpaca | prompt_completion | messages | text",
+    "eval_data": "held-out files (default: --eval-split of the training data)",
+    "test_data": "files scored with the task metric (exact match) before and after training",
+    "target_modules": "LoRA target module names, or all-linear",
+    "patch": "use fastlora's kernels (--no-patch: the plain transformers+bnb+PEFT baseline)",
+    "resume": "continue the run in --output-dir from its last checkpoint",
+    "output_dir": "where the adapter, metrics.jsonl, curve.png and summary.json go",
+    "general_mix": "fraction of general chat data mixed into training (against forgetting)",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .train.config import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    for f in dataclasses.fields(SFTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        default_txt = f" (default: {f.default})" if f.default is not dataclasses.MISSING else ""
+        help_txt = _HELP.get(f.name, f.name.replace("_", " ")) + default_txt
+        # SUPPRESS: only flags actually given override the YAML file / the dataclass defaults.
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_txt)
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif any(typing.get_origin(a) is list for a in args):
+            p.add_argument(flag, nargs="+", metavar="VALUE", **kw)
+        elif float in args:
+            p.add_argument(flag, type=float, **kw)
+        elif int in args:
+            p.add_argument(flag, type=int, **kw)
+        else:
+            p.add_argument(flag, type=str, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastlora", description="fused NF4+LoRA kernels and a thin QLoRA trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sft = sub.add_parser("sft", help="QLoRA supervised fine-tuning (no arguments: the embedded healthcare demo)")
+    sft.add_argument("--config", help="YAML file of SFTConfig options; flags override it")
+    sft.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_config_flags(sft)
+
+    merge = sub.add_parser("merge", help="merge an adapter into its dequantized base; write a 16-bit model")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter dir (e.g. runs/sft/adapter)")
+    merge.add_argument("--output", required=True, help="new directory for the merged model")
+    merge.add_argument("--model", default=None, help="base model dir (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    merge.add_argument("--cache-dir", default=None)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite (fastlora.bench)")
+    bench.add_argument("--preset", default="tiny")
+    bench.add_argument("--only", nargs="+", default=None)
+    bench.add_argument("--results-dir", default=None)
+
+    sub.add_parser("info", help="print the backends available on this machine")
+    return parser
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .train import SFTConfig, sft
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
+    if args.config:
+        cfg = SFTConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = SFTConfig.from_dict(overrides, source="command line")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sft(cfg)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .train import merge
+
+    out = merge(args.adapter, args.output, model=args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        bench = importlib.import_module("fastlora.bench")
+    except ImportError as e:
+        print(f"fastlora: error: the benchmark runner fastlora.bench is not available ({e})", file=sys.stderr)
+        return 2
+    kwargs = {"preset": args.preset, "only": args.only}
+    if args.results_dir is not None:
+        kwargs["results_dir"] = args.results_dir
+    bench.run(**kwargs)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .backend import backend_info
+
+    info = backend_info()
+    print(json.dumps(info, indent=2, default=str) if isinstance(info, (dict, list)) else info)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Evaluation for SFT runs: held-out loss, a generated-answer task metric, forgetting.
+
+- :func:`eval_loss`: mean loss per trained token (token-weighted across batches, so the
+  figure does not depend on how the set is batched).
+- :func:`task_accuracy`: greedy generation (left-padded batches, ``max_new_tokens``
+  small) scored by exact match of the generated answer. For the embedded healthcare
+  task the answer is parsed as JSON (``defaults.healthcare.parse_answer``) and
+  compared to the record's label; otherwise the stripped text is compared to the
+  reference answer.
+- :func:`general_ability`: accuracy on the small general-knowledge QA set and perplexity
+  on general text, both shipped in the package; ``retention`` is after/before.
+
+Every function leaves the model in the mode it found it in, and runs without grad.
+bitsandbytes' CPU repack (triggered by eval-mode, no-grad forwards) must already be
+disabled by ``protect_bnb_weights`` when the model was loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .data import IGNORE_INDEX, collate, render_alpaca
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Targets after the causal shift: labels[:, 1:] that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def eval_loss(model, examples: Sequence[dict], *, pad_token_id: int, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy of the trained tokens of ``examples``."""
+    if not examples:
+        raise ValueError("eval_loss: no examples")
+    device = model_device(model)
+    total, count = 0.0, 0
+    # Longest first keeps padding low; the result does not depend on the order.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    with _eval_mode(model):
+        for s in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[s : s + batch_size]], pad_token_id)
+            n = trained_tokens(batch["labels"])
+            if n == 0:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch, use_cache=False)
+            total += float(out.loss) * n
+            count += n
+    if count == 0:
+        raise ValueError("eval_loss: no trained token in the examples")
+    return total / count
+
+
+# ------------------------------------------------------------------ generation
+@dataclass
+class TaskItem:
+    prompt: str  # text the model continues (already chat-rendered where relevant)
+    reference: str  # the expected answer text
+    label: str | None = None  # for classification tasks: the expected class
+    special_tokens: bool = True  # whether tokenizing the prompt adds the tokenizer's special tokens
+
+
+def task_items(records: Sequence[dict], tokenizer, fmt: str) -> list[TaskItem]:
+    """Prompt and reference answer of each record, exactly as training renders them.
+    ``text`` records have no answer to generate and give no items."""
+    items = []
+    for r in records:
+        if fmt == "messages":
+            msgs = r["messages"]
+            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+            if last is None or last == 0:
+                continue
+            prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            items.append(TaskItem(prompt, msgs[last]["content"], r.get("label"), special_tokens=False))
+        elif fmt == "alpaca":
+            items.append(TaskItem(render_alpaca(r["instruction"], r.get("input") or ""), r["output"], r.get("label")))
+        elif fmt == "prompt_completion" and isinstance(r["prompt"], str):
+            items.append(TaskItem(r["prompt"], r["completion"], r.get("label")))
+    return items
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12, batch_size: int = 16,
+             special_tokens: bool = False) -> list[str]:
+    """Greedy completions of ``prompts`` (decoded, special tokens removed), batched with left padding."""
+    device = model_device(model)
+    outputs: list[str | None] = [None] * len(prompts)
+    # Similar lengths together: less padding, and the result does not depend on the order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with _eval_mode(model):
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=special_tokens).to(device)
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+                )
+                new = out[:, enc["input_ids"].shape[1]:]
+                for i, ids in zip(idx, new):
+                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs  # type: ignore[return-value]
+
+
+def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
+                  parse: Callable[[str], str | None] | None = None, max_new_tokens: int = 12,
+                  batch_size: int = 16) -> tuple[float, list[dict]]:
+    """Exact-match accuracy of greedy answers. With ``parse`` (e.g. the healthcare JSON
+    parser) the parsed answer must equal the item's label; otherwise the stripped text
+    must equal the stripped reference. Returns (accuracy, per-item details)."""
+    if not items:
+        raise ValueError("task_accuracy: no items to score")
+    groups: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.special_tokens, []).append(i)
+    preds: list[str] = [""] * len(items)
+    for special, idx in groups.items():
+        outs = generate(model, tokenizer, [items[i].prompt for i in idx], max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, special_tokens=special)
+        for i, o in zip(idx, outs):
+            preds[i] = o
+    details = []
+    correct = 0
+    for it, pred in zip(items, preds):
+        if parse is not None and it.label is not None:
+            got = parse(pred)
+            ok = got is not None and got == it.label
+        else:
+            got = pred.strip()
+            ok = got == it.reference.strip()
+        correct += ok
+        details.append({"reference": it.reference, "output": pred, "parsed": got, "correct": bool(ok)})
+    return correct / len(items), details
+
+
+# ------------------------------------------------------------------ forgetting
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4, max_length: int = 512) -> float:
+    """exp(mean loss per token) over ``texts``, every token trained (as in ``text`` data)."""
+    examples = []
+    for t in texts:
+        ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])[:max_length]
+        if len(ids) >= 2:
+            examples.append({"input_ids": ids, "labels": list(ids)})
+    if not examples:
+        raise ValueError("perplexity: no text with at least two tokens")
+    return math.exp(eval_loss(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size))
+
+
+def general_ability(model, tokenizer, *, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    """General-knowledge QA accuracy and general-text perplexity (the forgetting probe)."""
+    from .defaults.general import answer_matches, general_qa, general_text
+
+    qa = general_qa()
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
+                                      add_generation_prompt=True)
+        for q in qa
+    ]
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = [bool(answer_matches(o, q["answers"])) for o, q in zip(outs, qa)]
+    return {
+        "qa_accuracy": sum(hits) / len(hits),
+        "qa_correct": sum(hits),
+        "qa_total": len(hits),
+        "perplexity": perplexity(model, tokenizer, general_text()),
+        "qa_outputs": [{"question": q["question"], "output": o, "correct": h} for q, o, h in zip(qa, outs, hits)],
+    }
+
+
+def retention(before: dict, after: dict) -> float | None:
+    """Fraction of the general QA answers kept: accuracy after / accuracy before."""
+    if not before or not after or before.get("qa_accuracy", 0) == 0:
+        return None
+    return after["qa_accuracy"] / before["qa_accuracy"]

@@ -1,0 +1,477 @@
+"""QLoRA supervised fine-tuning: ``fastlora.train.sft(SFTConfig(...))``.
+
+A plain loop over the ecosystem's parts: transformers loads the model 4-bit NF4 through
+bitsandbytes, PEFT adds LoRA, ``fastlora.patch`` (unless ``patch=False``) swaps in the
+fused kernels, torch's AdamW (bitsandbytes' paged 8-bit AdamW on GPU) and transformers'
+schedulers optimize. The loop knows nothing of kernels.
+
+Gradient accumulation normalizes by the TOTAL number of trained tokens of the
+accumulated micro-batches: each micro-batch contributes ``mean_loss_i * n_i / N``
+(= its summed loss / N), so the update equals the one a single batch holding all of
+them would give. Averaging per-micro-batch means instead weights short batches' tokens
+more, the bug that hit several trainers (see the peers' notes). A micro-batch with no
+trained token contributes nothing (instead of a 0/0 NaN).
+
+Resume restores the adapter, optimizer, scheduler, RNG states and the position in the
+data order (``data.batch_order`` depends only on seed and epoch), so a resumed run
+produces the same losses as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from . import evaluate as ev
+from .config import SFTConfig
+from .data import batch_order, collate, detect_format, load_records, pack, prepare
+
+
+class _Log:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+
+# ----------------------------------------------------------------------- data
+def _load_many(paths: list[str]) -> list[dict]:
+    records: list[dict] = []
+    for p in paths:
+        records.extend(load_records(p))
+    return records
+
+
+def load_data(cfg: SFTConfig) -> dict[str, Any]:
+    """Records for train / eval / test, their format and the task's answer parser.
+    Reads (and so checks) every file before anything is written."""
+    if cfg.data is None:
+        from .defaults import healthcare
+
+        return {
+            "task": "healthcare",
+            "train": healthcare.load_split("train"),
+            "eval": healthcare.load_split("validation"),
+            "test": healthcare.load_split("test"),
+            "format": "messages",
+            "parse": healthcare.parse_answer,
+        }
+    train = _load_many(cfg.data)
+    fmt = detect_format(train, cfg.data_format)
+    if cfg.eval_data:
+        eval_records = _load_many(cfg.eval_data)
+        detect_format(eval_records, fmt)
+    elif cfg.eval_split > 0 and len(train) >= 2:
+        idx = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(idx)
+        n_eval = max(1, int(round(len(train) * cfg.eval_split)))
+        eval_records = [train[i] for i in sorted(idx[:n_eval])]
+        train = [train[i] for i in sorted(idx[n_eval:])]
+    else:
+        eval_records = []
+    test = _load_many(cfg.test_data) if cfg.test_data else []
+    if test:
+        detect_format(test, fmt)
+    return {"task": "custom", "train": train, "eval": eval_records, "test": test, "format": fmt, "parse": None}
+
+
+def _limit(records: list, n: int) -> list:
+    return records[:n] if n else records
+
+
+# ----------------------------------------------------------------- optimizer
+def make_optimizer(cfg: SFTConfig, params: list[torch.nn.Parameter], device: torch.device):
+    name = cfg.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if name == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ValueError("optimizer='paged_adamw_8bit' needs a CUDA device; use 'adamw' on CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
+                         num_training_steps=total_steps)
+
+
+# ------------------------------------------------------------------- the run
+def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool | None] | None = None,
+        **overrides: Any) -> dict:
+    """Run QLoRA SFT and return the summary (also written to ``output_dir/summary.json``).
+
+    ``config`` defaults to ``SFTConfig(**overrides)``; with ``config`` given,
+    ``overrides`` replace its fields. ``on_step(step, metrics)`` is called after every
+    optimizer step; returning True stops training early (the end-of-run evaluation and
+    saving still happen). An exception it raises (or Ctrl-C) aborts the run, leaving the
+    last complete checkpoint for ``resume=True``.
+    """
+    if config is None:
+        cfg = SFTConfig.from_dict(overrides, source="sft()")
+    else:
+        cfg = SFTConfig.from_dict({**config.to_dict(), **overrides}, source="sft()") if overrides else config
+    log = _Log(cfg.progress)
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+
+    # ---- checks that write nothing: output dir, data files, model path
+    resume_from = ckpt.check_output_dir(out, resume=cfg.resume)
+    data = load_data(cfg)
+    from .model import (add_lora, apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
+                        resolve_model_path)
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(model_path)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    train_ex, stats = prepare(data["train"], tokenizer, fmt=data["format"], max_length=cfg.max_length)
+    log(f"train data: {stats}")
+    if cfg.general_mix > 0:
+        from .defaults.general import general_mix_records
+
+        n_mix = max(1, round(len(train_ex) * cfg.general_mix / (1 - cfg.general_mix)))
+        mix_ex, mix_stats = prepare(general_mix_records(n_mix, cfg.seed), tokenizer, max_length=cfg.max_length)
+        train_ex = train_ex + mix_ex
+        log(f"general data mixed in: {mix_stats}")
+    eval_ex = []
+    if data["eval"]:
+        eval_ex, eval_stats = prepare(_limit(data["eval"], cfg.eval_max_examples), tokenizer, fmt=data["format"],
+                                      max_length=cfg.max_length)
+        log(f"eval data: {eval_stats}")
+    rows = pack(train_ex, cfg.max_length) if cfg.packing else train_ex
+    if cfg.packing:
+        log(f"packed {len(train_ex)} examples into {len(rows)} rows of <= {cfg.max_length} tokens")
+    eval_items = ev.task_items(_limit(data["eval"], cfg.eval_max_examples), tokenizer, data["format"])
+    test_items = ev.task_items(_limit(data["test"], cfg.test_max_examples), tokenizer, data["format"])
+    metric = cfg.eval_metric
+    if metric == "auto":
+        metric = "accuracy" if eval_items else "loss"
+    if metric == "accuracy" and not eval_items:
+        raise ValueError("eval_metric='accuracy' needs eval data with answers to generate (not 'text' data)")
+    if (cfg.eval_every or cfg.early_stopping_patience) and not eval_ex:
+        raise ValueError("eval_every / early_stopping_patience need eval data: set eval_data or eval_split > 0")
+
+    micro_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+
+    # ---- model
+    base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
+    model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+    patch_report = apply_patch(model, cfg.patch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+
+    # ---- the output dir is created only now that every input checked out
+    run_info = {"config": cfg.to_dict(), "model_path": str(model_path), "device": str(device), "dtype": str(dtype),
+                "total_steps": total_steps, "patch_report": patch_report}
+    if resume_from is None:
+        ckpt.init_output_dir(out, run_info)
+    metrics_path = out / "metrics.jsonl"
+
+    state: dict[str, Any] = {"micro": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "bad_evals": 0,
+                             "before": {}, "history": []}
+    step = 0
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        step = state.pop("step")
+        # Drop what the interrupted run logged after its last checkpoint: those steps run again.
+        kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
+        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
+        log(f"resumed from {resume_from} at step {step}/{total_steps}")
+
+    # ---- before training
+    if resume_from is None:
+        before: dict[str, Any] = {}
+        if test_items:
+            acc, _ = ev.task_accuracy(model, tokenizer, test_items, parse=data["parse"],
+                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+            before["accuracy"] = acc
+            log(f"test accuracy before training: {acc:.1%} ({len(test_items)} examples)")
+        if cfg.measure_forgetting:
+            before["general"] = _general(model, tokenizer, cfg)
+            log(f"general QA before: {before['general']['qa_accuracy']:.1%}, "
+                f"perplexity {before['general']['perplexity']:.2f}")
+        state["before"] = before
+        ckpt.append_jsonl(metrics_path, {"step": 0, "event": "before", **_flat(before)})
+
+    # ---- train
+    pad_id = tokenizer.pad_token_id
+    best_params: dict[str, torch.Tensor] | None = None
+    stopped_early = False
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True)
+    model.train()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batches = []
+            for _ in range(cfg.grad_accum):
+                epoch, pos = divmod(state["micro"], micro_per_epoch)
+                idx = batch_order(len(rows), cfg.batch_size, seed=cfg.seed, epoch=epoch)[pos]
+                batches.append(collate([rows[i] for i in idx], pad_id))
+                state["micro"] += 1
+            n_total = sum(ev.trained_tokens(b["labels"]) for b in batches)
+            loss_sum = 0.0
+            tokens = 0
+            for b in batches:
+                n = ev.trained_tokens(b["labels"])
+                tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                if n == 0:
+                    continue
+                b = {k: v.to(device) for k, v in b.items()}
+                # use_cache=False: with a cache transformers ignores packed position_ids' boundaries.
+                outp = model(**b, use_cache=False)
+                (outp.loss * (n / n_total)).backward()
+                loss_sum += float(outp.loss.detach()) * n
+            grad_norm = None
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            state["train_seconds"] += dt
+            state["tokens"] += tokens
+            rec = {"step": step, "loss": loss_sum / n_total if n_total else float("nan"), "lr": lr,
+                   "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": tokens,
+                   "tokens_per_second": tokens / dt if dt > 0 else None, "epoch": state["micro"] / micro_per_epoch}
+            if step % cfg.log_every == 0 or step == total_steps:
+                ckpt.append_jsonl(metrics_path, rec)
+            state["history"].append({"step": step, "loss": rec["loss"]})
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_second']:.0f}")
+                bar.update(1)
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                erec = _evaluate(model, tokenizer, eval_ex, eval_items, data["parse"], cfg, metric, step)
+                ckpt.append_jsonl(metrics_path, erec)
+                log(_fmt_eval(erec))
+                value = erec[metric]
+                better = state["best"] is None or (value > state["best"] if metric == "accuracy" else value < state["best"])
+                if better:
+                    state["best"], state["bad_evals"] = value, 0
+                    if cfg.early_stopping_patience:
+                        best_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                        log(f"early stopping at step {step}: no {metric} improvement in {state['bad_evals']} evaluations "
+                            f"(best {state['best']:.4g})")
+                        stopped_early = True
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            if on_step is not None and on_step(step, rec):
+                stopped_early = True
+            if stopped_early:
+                break
+    except KeyboardInterrupt:
+        last = ckpt.latest_checkpoint(out)
+        log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
+                                               if last else "no checkpoint was saved (set save_every to allow resuming)"))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if best_params is not None and stopped_early:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_params:
+                    p.copy_(best_params[n])
+        log(f"restored the adapter of the best evaluation ({metric} {state['best']:.4g})")
+
+    # ---- after training
+    adapter_dir = ckpt.save_adapter(model, out / "adapter")
+    final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step) if eval_ex else {}
+    after: dict[str, Any] = {}
+    details = None
+    if test_items:
+        after["accuracy"], details = ev.task_accuracy(model, tokenizer, test_items, parse=data["parse"],
+                                                      max_new_tokens=cfg.max_new_tokens,
+                                                      batch_size=cfg.eval_batch_size)
+    if cfg.measure_forgetting:
+        after["general"] = _general(model, tokenizer, cfg)
+    before = state["before"]
+    summary = {
+        "task": data["task"],
+        "model": str(model_path),
+        "device": str(device),
+        "patched": bool(cfg.patch),
+        "steps": step,
+        "total_steps": total_steps,
+        "stopped_early": stopped_early,
+        "train_examples": len(train_ex),
+        "test_examples": len(test_items),
+        "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"),
+        "retention": ev.retention(before.get("general", {}), after.get("general", {})),
+        "general_qa_before": before.get("general", {}).get("qa_accuracy"),
+        "general_qa_after": after.get("general", {}).get("qa_accuracy"),
+        "perplexity_before": before.get("general", {}).get("perplexity"),
+        "perplexity_after": after.get("general", {}).get("perplexity"),
+        "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "eval_loss": final.get("loss"),
+        "train_seconds": state["train_seconds"],
+        "train_tokens": state["tokens"],
+        "tokens_per_second": state["tokens"] / state["train_seconds"] if state["train_seconds"] else None,
+        "total_seconds": time.perf_counter() - t_start,
+        "adapter": str(adapter_dir),
+        "patch_report": patch_report,
+    }
+    ckpt.append_jsonl(metrics_path, {"step": step, "event": "after", **_flat(after),
+                                     **({"eval_loss": final["loss"]} if final else {})})
+    if details is not None:
+        ckpt.write_json_atomic(out / "test_outputs.json", details)
+    ckpt.write_json_atomic(out / "summary.json", summary)
+    try:
+        plot_curve(metrics_path, out / "curve.png")
+    except Exception as e:  # a plot must never lose a finished run
+        log(f"could not draw the curve: {e}")
+    if cfg.progress:
+        print_summary(summary)
+    return summary
+
+
+def _general(model, tokenizer, cfg: SFTConfig) -> dict:
+    return ev.general_ability(model, tokenizer, batch_size=cfg.eval_batch_size)
+
+
+def _evaluate(model, tokenizer, eval_ex, eval_items, parse, cfg: SFTConfig, metric: str, step: int) -> dict:
+    rec: dict[str, Any] = {"step": step, "event": "eval"}
+    if eval_ex:
+        rec["loss"] = ev.eval_loss(model, eval_ex, pad_token_id=tokenizer.pad_token_id,
+                                   batch_size=cfg.eval_batch_size)
+    if metric == "accuracy" and eval_items:
+        rec["accuracy"], _ = ev.task_accuracy(model, tokenizer, eval_items, parse=parse,
+                                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    return rec
+
+
+def _fmt_eval(rec: dict) -> str:
+    parts = [f"step {rec['step']} eval"]
+    if "loss" in rec:
+        parts.append(f"loss {rec['loss']:.4f}")
+    if "accuracy" in rec:
+        parts.append(f"accuracy {rec['accuracy']:.1%}")
+    return ", ".join(parts)
+
+
+def _flat(d: dict) -> dict:
+    out = {}
+    if "accuracy" in d:
+        out["test_accuracy"] = d["accuracy"]
+    g = d.get("general")
+    if g:
+        out["general_qa_accuracy"] = g["qa_accuracy"]
+        out["general_perplexity"] = g["perplexity"]
+    return out
+
+
+# ------------------------------------------------------------------ reporting
+def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Train loss per step, eval loss and eval accuracy, from metrics.jsonl, to a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ckpt.read_jsonl(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "event" not in r and r.get("loss") is not None]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    el = [(r["step"], r["loss"]) for r in evals if "loss" in r]
+    if el:
+        ax.plot(*zip(*el), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ea = [(r["step"], r["accuracy"]) for r in evals if "accuracy" in r]
+    handles, labels = ax.get_legend_handles_labels()
+    if ea:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*ea), "s--", color="tab:green", label="eval accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1.05)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="upper right")
+    ax.set_title("fastlora sft")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
+
+
+_SUMMARY_ROWS = (
+    ("accuracy_before", "test accuracy before", "{:.1%}"),
+    ("accuracy_after", "test accuracy after", "{:.1%}"),
+    ("general_qa_before", "general QA before", "{:.1%}"),
+    ("general_qa_after", "general QA after", "{:.1%}"),
+    ("retention", "retention (after/before)", "{:.1%}"),
+    ("perplexity_before", "general perplexity before", "{:.2f}"),
+    ("perplexity_after", "general perplexity after", "{:.2f}"),
+    ("final_train_loss", "final train loss", "{:.4f}"),
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("steps", "steps", "{}"),
+    ("train_seconds", "train time (s)", "{:.1f}"),
+    ("tokens_per_second", "tokens/s", "{:.0f}"),
+    ("total_seconds", "whole run (s)", "{:.1f}"),
+    ("adapter", "adapter", "{}"),
+)
+
+
+def format_summary(summary: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key, label, fmt in _SUMMARY_ROWS:
+        v = summary.get(key)
+        rows.append((label, "n/a" if v is None else fmt.format(v)))
+    return rows
+
+
+def print_summary(summary: dict) -> None:
+    rows = format_summary(summary)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        width = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+        return
+    table = Table(title="fastlora sft")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
