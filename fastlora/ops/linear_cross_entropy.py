@@ -164,8 +164,8 @@ def chunk_loop(
             grad_out=y if grads else None,
             want_entropy=want_entropy, want_argmax=want_argmax,
         )
-        loss[sl] = out[0]
-        if lse is None:
+        if lse is None:  # forward (backward kernels may not return the loss)
+            loss[sl] = out[0]
             lse_out[sl] = out[1]
         if want_entropy:
             entropy[sl] = out[2]
