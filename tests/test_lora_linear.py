@@ -1,0 +1,349 @@
+"""fastlora.lora_linear against a float64 reference: forward and every gradient.
+
+The NF4 weights are quantized by bitsandbytes (the oracle for the format) and the dense
+reference weight is bitsandbytes' own dequantization, upcast to float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlora.backend import Backend
+from fastlora.ops.lora_linear import (
+    dequantize_nf4_reference,
+    lora_linear,
+    lora_linear_reference,
+    nf4_linear_bwd_input,
+    nf4_linear_fwd,
+)
+from tests.helpers import assert_close, has_module, requires_bnb, requires_triton
+
+HAS_CUDA = torch.cuda.is_available()
+K, N, R, BS = 200, 130, 8, 64  # K and N are not multiples of the block or of blocksize
+
+pytestmark = requires_bnb
+
+
+class _BnbNF4:
+    """The NF4Weight contract over bitsandbytes' own quantization (used only when
+    fastlora.nf4 cannot wrap bnb storage)."""
+
+    def __init__(self, packed, absmax, code, shape, blocksize, dtype):
+        self.packed, self._absmax, self.code = packed, absmax, code
+        self.shape, self.blocksize, self.dtype = tuple(shape), blocksize, dtype
+        self.device = packed.device
+
+    def absmax_f32(self):
+        return self._absmax
+
+
+def make_nf4(out_f, in_f, dtype=torch.float32, device="cpu", blocksize=BS, seed=0):
+    """(NF4 weight, its dense dequantization by bitsandbytes in the weight's dtype)."""
+    import bitsandbytes.functional as bf
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype)
+    packed, qs = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    dense = bf.dequantize_4bit(packed, qs)  # the oracle, in `dtype`
+    absmax = (bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+    weight = _BnbNF4(packed, absmax, qs.code.float(), (out_f, in_f), blocksize, dtype)
+    move = lambda t: t.to(device)  # noqa: E731
+    weight.packed, weight._absmax, weight.code, weight.device = (
+        move(packed), move(absmax), move(weight.code), torch.device(device))
+    return weight, move(dense)
+
+
+def make_inputs(lead, dtype, device="cpu", r=R, bias="grad", lora_dtype=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+    x = torch.randn(*lead, K, generator=g).to(device, dtype).requires_grad_()
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(device, lora_dtype).requires_grad_()
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(device, lora_dtype).requires_grad_()
+    b = None
+    if bias is not None:
+        b = torch.randn(N, generator=g).to(device, dtype).requires_grad_(bias == "grad")
+    return x, A, B, b
+
+
+def reference64(x, dense, A, B, scaling, b, mask=None, p=0.0):
+    """Float64 forward and grads of everything that requires grad, for upstream dy."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, A, B, b)]
+    x64, A64, B64, b64 = leaves
+    y = lora_linear_reference(x64, dense.double(), A64, B64, scaling, b64, mask, p)
+    return y, leaves
+
+
+def check(x, weight, dense, A, B, b, *, scaling=0.5, p=0.0, backend=None, dtype=None, tol=None):
+    dtype = dtype or x.dtype
+    rtol, atol = tol or {torch.float32: (1e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}[dtype]
+    y = lora_linear(x, weight, A, B, scaling, b, p, backend=backend)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
+    y_ref, leaves = reference64(x, dense, A, B, scaling, b)
+    assert_close(y, y_ref, rtol=rtol, atol=atol, msg="forward")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    for name, t, ref in zip(("dx", "dA", "dB", "dbias"), (x, A, B, b), leaves):
+        if t is None:
+            continue
+        if not t.requires_grad:
+            assert t.grad is None, f"{name} must not be computed"
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, name
+        assert_close(t.grad, ref.grad, rtol=rtol, atol=atol * 4, msg=name)
+
+
+# --------------------------------------------------------------------------- CPU paths
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("M", [1, 3, 129])
+@pytest.mark.parametrize("bias", [None, "grad", "frozen"])
+def test_nf4_fp32_cpu(backend, M, bias):
+    weight, dense = make_nf4(N, K)
+    x, A, B, b = make_inputs((M,), torch.float32, bias=bias)
+    check(x, weight, dense, A, B, b, backend=backend)
+
+
+@pytest.mark.parametrize("M", [1, 3, 129])
+def test_plain_weight_fp32_cpu(M):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    x, A, B, b = make_inputs((M,), torch.float32)
+    check(x, w, w, A, B, b)
+
+
+def test_weight_dtype_roundtrip_bf16_weight_fp32_x():
+    # bnb semantics: dequantize to the weight's own dtype (bf16, RNE), then cast to x.dtype.
+    weight, dense = make_nf4(N, K, dtype=torch.bfloat16)
+    assert dense.dtype == torch.bfloat16
+    x, A, B, b = make_inputs((5,), torch.float32)
+    check(x, weight, dense, A, B, b)
+
+
+def test_3d_and_noncontiguous_x():
+    weight, dense = make_nf4(N, K)
+    x, A, B, b = make_inputs((2, 3), torch.float32)
+    check(x, weight, dense, A, B, b)
+    base = torch.randn(K, 7, 4, generator=torch.Generator().manual_seed(4))
+    xt = base.permute(2, 1, 0).requires_grad_()  # (4, 7, K), non-contiguous
+    assert not xt.is_contiguous()
+    x, A, B, b = make_inputs((4, 7), torch.float32)
+    check(xt, weight, dense, A, B, b)
+
+
+def test_lora_in_fp32_with_fp64_x():
+    # PEFT runs the LoRA branch in the LoRA weights' dtype and casts back.
+    weight, dense = make_nf4(N, K, dtype=torch.float32)
+    x, A, B, b = make_inputs((6,), torch.float64, lora_dtype=torch.float32)
+    check(x, weight, dense, A, B, b, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _dropout_case(backend, device="cpu", dtype=torch.float32, M=9, p=0.4):
+    """With A = I and B = I (N = K), the LoRA branch returns s·dropout(x) itself, so the
+    forward's mask can be read back from the output and the reference rebuilt with it;
+    the backward is then checked against that mask."""
+    k = 64
+    weight, dense = make_nf4(k, k, device=device)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(M, k, generator=g) + 0.5).to(device, dtype).requires_grad_()  # no zeros
+    A = torch.eye(k, device=device, dtype=dtype).requires_grad_()
+    B = torch.eye(k, device=device, dtype=dtype).requires_grad_()
+    s = 2.0
+    y = lora_linear(x, weight, A, B, s, None, p, backend=backend)
+    lora_out = (y - x @ dense.to(dtype).t()) / s  # = dropout(x)
+    mask = lora_out.abs() > 0.25 * x.abs()  # kept: x/(1-p) ≥ x; dropped: ~0
+    assert 0 < mask.sum() < mask.numel(), "dropout mask is trivial"
+    dy = torch.randn(y.shape, generator=g).to(device, dtype)
+    y.backward(dy)
+    y_ref, (x64, A64, B64, _) = reference64(x, dense, A, B, s, None, mask, p)
+    y_ref.backward(dy.double())
+    rtol, atol = (1e-5, 2e-5) if dtype == torch.float32 else (4e-3, 4e-3)
+    assert_close(y, y_ref, rtol=rtol, atol=atol, msg="forward")
+    assert_close(x.grad, x64.grad, rtol=rtol, atol=atol * 4, msg="dx")
+    assert_close(A.grad, A64.grad, rtol=rtol, atol=atol * 4, msg="dA")
+    assert_close(B.grad, B64.grad, rtol=rtol, atol=atol * 4, msg="dB")
+    # a fresh mask each call (dropout is not frozen at one draw)
+    y2 = lora_linear(x.detach(), weight, A.detach(), B.detach(), s, None, p, backend=backend)
+    assert not torch.equal(y2, y.detach())
+
+
+def test_dropout_exact_cpu():
+    _dropout_case("reference")
+
+
+def test_dropout_plain_weight_and_p1():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    x, A, B, b = make_inputs((4,), torch.float32)
+    y = lora_linear(x, w, A, B, 3.0, b, 1.0)  # everything dropped: base only
+    assert_close(y, (x @ w.t() + b).detach(), msg="p=1")
+    y.sum().backward()
+    assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
+
+
+# --------------------------------------------------------------------------- memory, no dW
+
+
+def test_saves_no_dense_weight_and_no_weight_grad():
+    weight, dense = make_nf4(N, K)
+    x, A, B, b = make_inputs((129,), torch.float32)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, weight, A, B, 0.5, b, 0.1)
+    assert shapes, "nothing saved: the hook did not see the op"
+    assert (N, K) not in shapes and (K, N) not in shapes, shapes
+    assert max(a * b for a, b in (s2 + (1,) * (2 - len(s2)) for s2 in shapes if len(s2) <= 2)) < N * K, shapes
+    y.sum().backward()
+    assert not weight.packed.requires_grad and weight.packed.grad is None
+
+
+def test_plain_weight_requiring_grad_is_refused():
+    w = torch.randn(N, K, requires_grad=True)
+    x, A, B, _ = make_inputs((2,), torch.float32)
+    with pytest.raises(ValueError, match=r"requires grad.*\(130, 200\)|\(130, 200\).*requires grad"):
+        lora_linear(x, w, A, B)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs():
+    weight, _ = make_nf4(N, K)
+    x, A, B, b = make_inputs((3,), torch.float32)
+    with pytest.raises(ValueError, match=r"lora_A has shape \(8, 300\) but x has in_features 200"):
+        lora_linear(x, weight, torch.randn(8, 300), B)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(130, 4\).*lora_A has shape \(8, 200\)"):
+        lora_linear(x, weight, A, torch.randn(N, 4))
+    with pytest.raises(ValueError, match=r"x has shape \(3, 199\).*weight has shape \(130, 200\)"):
+        lora_linear(torch.randn(3, 199), weight, A, B)
+    with pytest.raises(ValueError, match=r"bias has shape \(129,\).*\(130, 200\)"):
+        lora_linear(x, weight, A, B, bias=torch.randn(129))
+    with pytest.raises(ValueError, match=r"lora_A has dtype torch.float32.*lora_B has dtype torch.float16"):
+        lora_linear(x, weight, A, B.detach().half())
+    with pytest.raises(ValueError, match=r"weight has dtype torch.float16 but x has dtype torch.float32"):
+        lora_linear(x, torch.randn(N, K).half(), A, B)
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        lora_linear(x, weight, A, B, dropout=1.5)
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        lora_linear(x, weight, A, B, scaling=float("nan"))
+    with pytest.raises(TypeError, match="NF4Weight"):
+        lora_linear(x, object(), A, B)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        lora_linear(torch.ones(3, K, dtype=torch.long), weight, A, B)
+    bad = make_nf4(N, K)[0]
+    bad.packed = bad.packed[:-1]
+    with pytest.raises(ValueError, match=r"shape \(130, 200\) needs 13000 packed uint8 bytes"):
+        lora_linear(x, bad, A, B)
+    bad = make_nf4(N, K)[0]
+    bad._absmax = bad._absmax[:-1]
+    with pytest.raises(ValueError, match="needs 407 float32 absmax values"):
+        lora_linear(x, bad, A, B)
+    with pytest.raises(ValueError, match=r"no cuda backend"):
+        lora_linear(x, weight, A, B, backend="cuda")
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _op_args(M=5, k=40, n=24, r=4, device="cpu", dtype=torch.float32, backend="reference"):
+    weight, _ = make_nf4(n, k, blocksize=32, device=device)
+    g = torch.Generator().manual_seed(8)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    fwd = (mk(M, k), weight.packed, weight.absmax_f32(), weight.code, n, 32, torch.float32,
+           mk(M, r), mk(n, r), 0.5, mk(n), backend)
+    bwd = (mk(M, n), weight.packed, weight.absmax_f32(), weight.code, k, 32, torch.float32,
+           mk(M, r), mk(r, k), backend)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_opcheck(backend):
+    fwd, bwd = _op_args(backend=backend)
+    torch.library.opcheck(nf4_linear_fwd, fwd)
+    torch.library.opcheck(nf4_linear_bwd_input, bwd)
+    fwd_none = fwd[:7] + (None, None, 1.0, None, backend)
+    torch.library.opcheck(nf4_linear_fwd, fwd_none)
+
+
+def test_reference_dequant_matches_bnb_spanning_blocks():
+    weight, dense = make_nf4(N, K, dtype=torch.bfloat16)
+    got = dequantize_nf4_reference(weight.packed, weight.absmax_f32(), weight.code, (N, K), BS, torch.bfloat16)
+    assert torch.equal(got, dense)
+
+
+# --------------------------------------------------------------------------- Triton (interpreter on CPU)
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,bias,r", [(1, "grad", 8), (3, None, 5), (129, "frozen", 16)])
+def test_triton(dtype, M, bias, r):
+    dev = TRITON_DEVICE
+    weight, dense = make_nf4(N, K, dtype=dtype, device=dev)
+    x, A, B, b = make_inputs((M,), dtype, device=dev, r=r, bias=bias)
+    check(x, weight, dense, A, B, b, backend="triton")
+
+
+@requires_triton
+def test_triton_3d_noncontiguous_mixed_lora_dtype():
+    dev = TRITON_DEVICE
+    weight, dense = make_nf4(N, K, dtype=torch.float32, device=dev)
+    base = torch.randn(K, 5, 2, generator=torch.Generator().manual_seed(9)).to(dev, torch.float16)
+    x = base.permute(2, 1, 0).requires_grad_()  # (2, 5, K), non-contiguous
+    _, A, B, b = make_inputs((1,), torch.float16, device=dev, lora_dtype=torch.float32)
+    check(x, weight, dense, A, B, b, backend="triton", dtype=torch.float16)
+
+
+@requires_triton
+def test_triton_dropout_exact():
+    _dropout_case("triton", device=TRITON_DEVICE, M=5)
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 3, 129, 1000])
+def test_bf16_gpu_auto(M):
+    weight, dense = make_nf4(N, K, dtype=torch.bfloat16, device="cuda")
+    x, A, B, b = make_inputs((M,), torch.bfloat16, device="cuda")
+    check(x, weight, dense, A, B, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [K, 256])  # scalar path (K % 32 != 0) and vector path
+def test_cuda_gemv(M, dtype, k):
+    weight, dense = make_nf4(N, k, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(M, k, generator=g).to("cuda", dtype)
+    bias = torch.randn(N, generator=g).to("cuda", dtype)
+    y = nf4_linear_fwd(x, weight.packed, weight.absmax_f32(), weight.code, N, BS, torch.bfloat16,
+                       None, None, 1.0, bias, "cuda")
+    ref = x.double() @ dense.to(dtype).double().t() + bias.double()
+    assert_close(y, ref, dtype=dtype)
+    if k == K:  # through the public API: the forward runs the GEMV, the backward Triton
+        x, A, B, b = make_inputs((M,), dtype, device="cuda")
+        check(x, weight, dense, A, B, b, backend="cuda")
+
+
+@requires_triton
+def test_triton_rounds_to_weight_dtype_first():
+    # bf16 weight, fp32 activations: the decoded value must be rounded to bf16 (RNE)
+    # before the fp32 dot, as bitsandbytes' dequantize_4bit(W).to(x.dtype) does.
+    dev = TRITON_DEVICE
+    weight, dense = make_nf4(N, K, dtype=torch.bfloat16, device=dev)
+    x, A, B, b = make_inputs((17,), torch.float32, device=dev)
+    check(x, weight, dense, A, B, b, backend="triton", tol=(1e-5, 2e-5))
