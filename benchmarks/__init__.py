@@ -1,0 +1,1 @@
+"""fastlora's benchmark suite (pytest-benchmark). Run it with ``fastlora bench``."""

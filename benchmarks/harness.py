@@ -1,0 +1,624 @@
+"""The benchmark harness shared by every ``benchmarks/bench_*.py`` file.
+
+Contract of one benchmark (one pytest test = one case x one provider):
+
+1. the provider's callables are built, one per input set of a small ring of distinct
+   input sets (so no provider is timed on data already hot in a cache);
+2. BEFORE any timing, the provider's output on ring[0] is compared with the case's
+   reference (explicit tolerances; a mismatch fails the test loudly and nothing is
+   timed);
+3. it is timed with ``benchmark.pedantic`` rotating through the ring: CUDA-event
+   timings on GPU (the authoritative figure, pytest-benchmark's own wall times include
+   a synchronize), ``perf_counter`` on CPU; the median after warm-up is the result;
+4. peak memory of one more call: ``torch.cuda.max_memory_allocated`` on GPU, RSS
+   sampled by a thread on CPU;
+5. throughput and the fraction of the device ceilings measured in the same session go
+   into pytest-benchmark's ``extra_info``, where ``fastlora.bench`` reads them.
+
+A provider that cannot run here raises :class:`Unavailable` (or ``pytest.skip``) with
+its reason; the reason lands in the results file. Nothing here reads environment
+variables: everything comes from pytest options (see ``conftest.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import math
+import statistics
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import pytest
+import torch
+
+AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation")
+
+# Every equal-result check of the session (also when it fails); conftest dumps them.
+CHECKS: list[dict] = []
+
+
+# ----------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    seq: int
+    batch: int
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    cuda_only: bool
+    ring: int  # minimum number of distinct input sets per case
+    ring_max: int  # ... and the most (the ring grows to twice the last-level cache)
+    warmup: int
+    rounds: int
+    heavy_warmup: int  # train step / generation
+    heavy_rounds: int
+    nf4_shapes: tuple  # (out, in)
+    lora_shapes: tuple  # (in, out)
+    lora_rank: int
+    lora_train_m: tuple  # token counts timed as fwd and fwd+bwd
+    lora_decode_m: tuple  # token counts timed as inference forwards
+    ce_hidden: int
+    ce_vocab: int
+    ce_tokens: tuple
+    train: TrainShape
+    gen_batch: int
+    gen_prompt: int
+    gen_new: int
+
+
+PRESETS = {
+    "tiny": Preset(
+        name="tiny",
+        cuda_only=False,
+        ring=2,
+        ring_max=3,  # a smoke run: rotation is exercised, not cache-proof
+        warmup=1,
+        rounds=5,
+        heavy_warmup=1,
+        heavy_rounds=3,
+        # odd sizes on purpose: 96x320 has blocks spanning rows
+        nf4_shapes=((256, 512), (96, 320)),
+        lora_shapes=((256, 512), (320, 96)),
+        lora_rank=16,
+        lora_train_m=(129,),
+        lora_decode_m=(1,),
+        ce_hidden=64,
+        ce_vocab=1000,
+        ce_tokens=(257,),
+        train=TrainShape(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2,
+                         vocab=512, seq=64, batch=2, rank=8),
+        gen_batch=2,
+        gen_prompt=8,
+        gen_new=8,
+    ),
+    # The shapes of issues 2-5: Llama-3-8B (H=4096, I=14336, V=128256, GQA 32/8).
+    "llama3-8b": Preset(
+        name="llama3-8b",
+        cuda_only=True,
+        ring=3,
+        ring_max=32,
+        warmup=5,
+        rounds=25,
+        heavy_warmup=2,
+        heavy_rounds=5,
+        nf4_shapes=((4096, 4096), (1024, 4096), (14336, 4096)),
+        lora_shapes=((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)),
+        lora_rank=16,
+        lora_train_m=(4096, 16384),
+        lora_decode_m=(1, 16),
+        ce_hidden=4096,
+        ce_vocab=128256,
+        ce_tokens=(4096, 16384),
+        train=TrainShape(hidden=4096, intermediate=14336, layers=4, heads=32, kv_heads=8,
+                         vocab=128256, seq=2048, batch=1, rank=16),
+        gen_batch=16,
+        gen_prompt=128,
+        gen_new=64,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The environment of one session
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Env:
+    preset: Preset
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the matmul benchmarks
+    ceilings: dict  # copy_GBps, matmul_TFLOPs, matmul_dtype
+    cache_bytes: int  # last-level cache, for sizing the input ring
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def ring_size(self, bytes_per_set: float) -> int:
+        """Enough distinct sets that the ring is at least twice the last-level cache."""
+        need = math.ceil(2 * self.cache_bytes / max(bytes_per_set, 1.0))
+        return int(min(max(self.preset.ring, need), self.preset.ring_max))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    for idx in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{idx}/size") as f:
+                txt = f.read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        return int(txt.rstrip("KMG")) * mult
+    return 32 << 20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and dense matmul throughput
+    (bf16 on GPU, fp32 on CPU), measured now, on this device, in this process."""
+    if device.type == "cuda":
+        n_copy, mm, mm_dtype, reps = 1 << 29, 8192, torch.bfloat16, 10  # 1 GiB of bf16
+    else:
+        n_copy, mm, mm_dtype, reps = (1 << 23 if quick else 1 << 26), (512 if quick else 2048), torch.float32, 5
+    src = torch.empty(n_copy, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    t_copy = _median_time(lambda: dst.copy_(src), device, reps)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    a = torch.randn(mm, mm, device=device, dtype=mm_dtype)
+    b = torch.randn(mm, mm, device=device, dtype=mm_dtype)
+    t_mm = _median_time(lambda: torch.mm(a, b), device, reps)
+    return {
+        "copy_GBps": copy_bytes / t_copy / 1e9,
+        "matmul_TFLOPs": 2 * mm**3 / t_mm / 1e12,
+        "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+        "copy_bytes": copy_bytes,
+        "matmul_n": mm,
+    }
+
+
+def _median_time(fn: Callable, device: torch.device, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """The provider cannot run on this machine; the message says why."""
+
+
+@dataclasses.dataclass
+class Provider:
+    """One implementation of a case.
+
+    ``build(inputs) -> call``: done once per ring entry, outside the timing; ``call()``
+    runs the op once and returns the outputs to check (a tuple of tensors).
+    ``reset(inputs)``, if given, runs after each call outside the timing (e.g. drop
+    the gradients so that the next call does not accumulate).
+    """
+
+    name: str
+    family: str  # "fastlora" or the peer's name ("torch", "bitsandbytes+peft", ...)
+    build: Callable[[Any], Callable[[], tuple]]
+    reset: Callable[[Any], None] | None = None
+
+
+def require_module(name: str, pip_name: str | None = None):
+    """Import ``name`` or raise Unavailable saying how to get it."""
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        raise Unavailable(f"{pip_name or name} is not installed")
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # a broken peer must not break the suite
+        raise Unavailable(f"{pip_name or name} failed to import: {type(e).__name__}: {e}") from None
+
+
+def require_cuda(env: Env, who: str) -> None:
+    if not env.is_cuda:
+        raise Unavailable(f"{who} runs on CUDA only (this run is on {env.device.type})")
+
+
+def fastlora_attr(name: str):
+    """``fastlora.<name>``, or Unavailable if that part of fastlora is not there yet."""
+    import fastlora
+
+    try:
+        return getattr(fastlora, name)
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"fastlora.{name} is not available: {type(e).__name__}: {e}") from None
+
+
+def collection_device(config) -> str:
+    """The device of this session, known at collection time (from the options)."""
+    d = config.getoption("--bench-device")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
+
+
+def fastlora_providers(config) -> list[str]:
+    """One fastlora provider per backend that can run on this session's device."""
+    gpu = collection_device(config) == "cuda"
+    return [f"fastlora-{b}" for b in (("triton", "cuda", "reference") if gpu else ("cpp", "reference"))]
+
+
+def check_backend(env: Env, backend: str) -> None:
+    from fastlora import backend as fb
+
+    ok, why = fb.available(fb.Backend(backend))
+    if not ok:
+        raise Unavailable(f"fastlora backend {backend} cannot run here: {why}")
+
+
+def unsupported_call(e: Exception) -> bool:
+    """True for the dispatcher's 'this backend has no implementation for this call'."""
+    return isinstance(e, ValueError) and "backend for this call" in str(e)
+
+
+# ----------------------------------------------------------------------------------------
+# Equal-result checks
+# ----------------------------------------------------------------------------------------
+# (rtol, atol as a fraction of max|reference|) of a provider against the reference.
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 5e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol_rel: float) -> dict:
+    """Elementwise |a - e| <= atol_rel * max|e| + rtol * |e|, in float64, in chunks (the
+    tensors can be [16384, 128256]). NaN or Inf in ``actual`` fails."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return {"name": name, "ok": False, "why": f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"}
+    a = actual.detach().reshape(-1)
+    e = expected.detach().reshape(-1).to(a.device)
+    ref_max = 0.0
+    step = 1 << 24
+    for i in range(0, e.numel(), step):
+        ref_max = max(ref_max, e[i : i + step].double().abs().max().item())
+    atol = atol_rel * ref_max
+    worst, worst_ratio, bad = 0.0, 0.0, 0
+    for i in range(0, a.numel(), step):
+        ac = a[i : i + step].double()
+        ec = e[i : i + step].double()
+        err = (ac - ec).abs()
+        allowed = atol + rtol * ec.abs()
+        nonfinite = ~torch.isfinite(ac)
+        bad += int(((err > allowed) | nonfinite).sum().item())
+        if err.numel():
+            worst = max(worst, float(torch.nan_to_num(err, nan=math.inf).max().item()))
+            ratio = torch.nan_to_num(err / allowed.clamp_min(1e-300), nan=math.inf)
+            worst_ratio = max(worst_ratio, float(ratio.max().item()))
+    return {
+        "name": name,
+        "ok": bad == 0,
+        "mismatched": bad,
+        "numel": a.numel(),
+        "max_abs_err": worst,
+        "max_abs_ref": ref_max,
+        "err_over_tol": worst_ratio,  # <= 1 passes
+        "rtol": rtol,
+        "atol": atol,
+    }
+
+
+def check_outputs(case_id: str, provider: str, names: Sequence[str], actual: Sequence, expected: Sequence,
+                  rtol: float, atol_rel: float) -> dict:
+    """Compare every output; record the check; fail loudly on any mismatch."""
+    if len(actual) != len(expected):
+        raise AssertionError(f"{case_id} [{provider}]: {len(actual)} outputs, reference has {len(expected)}")
+    results = [compare(n, a, e, rtol, atol_rel) for n, a, e in zip(names, actual, expected)]
+    record = {"case": case_id, "provider": provider, "passed": all(r["ok"] for r in results), "outputs": results}
+    CHECKS.append(record)
+    if not record["passed"]:
+        bad = [r for r in results if not r["ok"]]
+        lines = "; ".join(
+            f"{r['name']}: " + (r["why"] if "why" in r else
+                                f"{r['mismatched']}/{r['numel']} elements off, max|err|={r['max_abs_err']:.3g} "
+                                f"(max|ref|={r['max_abs_ref']:.3g}, rtol={r['rtol']:g}, atol={r['atol']:.3g})")
+            for r in bad
+        )
+        raise AssertionError(f"EQUAL-RESULT CHECK FAILED for {case_id} [{provider}]: {lines}")
+    return record
+
+
+# ----------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------
+class _RssSampler:
+    """Peak RSS of this process while a block runs, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 2e-4):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def measure_memory(call: Callable[[], Any], reset: Callable[[], None] | None, device: torch.device) -> dict:
+    """Peak memory of one call: absolute, and above what was allocated before it."""
+    if reset is not None:
+        reset()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = call()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        res = {"peak_mem_bytes": int(peak), "peak_mem_over_inputs_bytes": int(peak - base),
+               "mem_method": "torch.cuda.max_memory_allocated"}
+    else:
+        with _RssSampler() as s:
+            out = call()
+        del out
+        res = {"peak_mem_bytes": int(s.peak), "peak_mem_over_inputs_bytes": int(s.peak - s.base),
+               "mem_method": "RSS sampled every 0.2 ms (allocator reuse hides part of the growth)"}
+    if reset is not None:
+        reset()
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# One benchmark
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One workload: the reference outputs and what one call does (for throughput).
+
+    ``bytes`` is the minimum traffic of the op (inputs read + outputs written once);
+    ``flops`` the useful floating-point work. ``unit`` names the headline throughput:
+    "GB/s", "TFLOP/s" or "tokens/s".
+    """
+
+    area: str
+    id: str
+    ring: list
+    reference: tuple
+    output_names: tuple
+    dtype: torch.dtype
+    unit: str
+    bytes: float = 0.0
+    flops: float = 0.0
+    tokens: float = 0.0
+    params: dict = dataclasses.field(default_factory=dict)
+    tolerance: tuple | None = None  # (rtol, atol_rel); default from TOLERANCE[dtype]
+
+
+def run(benchmark, env: Env, case: Case, provider: Provider, *, heavy: bool = False,
+        check: Callable[[tuple], dict] | None = None) -> dict:
+    """Build, check, time and measure one provider on one case (see the module doc)."""
+    benchmark.group = f"{case.area}:{case.id}"
+    try:
+        calls = [provider.build(inputs) for inputs in case.ring]
+    except Unavailable as e:
+        pytest.skip(f"{provider.name}: {e}")
+    resets = [(lambda inp=inp: provider.reset(inp)) if provider.reset else None for inp in case.ring]
+
+    # 1. equal results, before anything is timed
+    try:
+        out = calls[0]()
+    except Unavailable as e:
+        pytest.skip(f"{provider.name}: {e}")
+    except ValueError as e:
+        if unsupported_call(e):
+            pytest.skip(f"{provider.name}: {e}")
+        raise
+    sync(env.device)
+    if check is not None:
+        record = check(out)
+    else:
+        rtol, atol_rel = case.tolerance or TOLERANCE[case.dtype]
+        record = check_outputs(f"{case.area}:{case.id}", provider.name, case.output_names, out, case.reference,
+                               rtol, atol_rel)
+    del out
+    if resets[0]:
+        resets[0]()
+
+    # 2. time, rotating through the ring
+    warmup = env.preset.heavy_warmup if heavy else env.preset.warmup
+    rounds = env.preset.heavy_rounds if heavy else env.preset.rounds
+    state = {"i": 0}
+    events: list = []
+
+    def setup():
+        i = state["i"] % len(calls)
+        state["i"] += 1
+        return (i,), {}
+
+    def teardown(i):
+        if resets[i]:
+            resets[i]()
+
+    if env.is_cuda:
+        def target(i):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            calls[i]()
+            e.record()
+            e.synchronize()
+            events.append((s, e))
+    else:
+        def target(i):
+            calls[i]()
+
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    for r in resets:  # a disabled benchmark ran once without its teardown
+        if r:
+            r()
+    if env.is_cuda:
+        times = [s.elapsed_time(e) / 1e3 for s, e in events[warmup:]]
+        timer = "cuda-event"
+    else:
+        stats = getattr(benchmark, "stats", None)
+        times = list(stats.stats.data) if stats is not None else []
+        timer = "perf_counter"
+    if not times:  # --benchmark-disable: checked, not timed
+        return record
+    median = statistics.median(times)
+
+    # 3. memory of one more call
+    mem = measure_memory(calls[0], resets[0], env.device)
+
+    info = {
+        "area": case.area,
+        "case": case.id,
+        "provider": provider.name,
+        "family": provider.family,
+        "preset": env.preset.name,
+        "device": device_name(env.device),
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "timer": timer,
+        "median_s": median,
+        "min_s": min(times),
+        "rounds": len(times),
+        "ring": len(case.ring),
+        "unit": case.unit,
+        "check_passed": record["passed"],
+        "check": [{k: r.get(k) for k in ("name", "max_abs_err", "err_over_tol")} for r in record["outputs"]],
+        **case.params,
+        **mem,
+    }
+    if case.bytes:
+        info["GBps"] = case.bytes / median / 1e9
+        info["frac_copy_bw"] = info["GBps"] / env.ceilings["copy_GBps"]
+    if case.flops:
+        info["TFLOPs"] = case.flops / median / 1e12
+        info["frac_matmul_peak"] = info["TFLOPs"] / env.ceilings["matmul_TFLOPs"]
+    if case.tokens:
+        info["tokens_per_s"] = case.tokens / median
+    benchmark.extra_info.update(info)
+    return record
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape, *, seed: int, device, dtype, scale: float = 1.0) -> torch.Tensor:
+    g = generator(seed, torch.device(device))
+    return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _bnb():
+    return require_module("bitsandbytes")
+
+
+def quantize_bnb(w: torch.Tensor):
+    """(packed, QuantState) from bitsandbytes' own quantizer: NF4, blocksize 64, DQ."""
+    bnb = _bnb()
+    return bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+def nf4_dequantize_eager(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """Plain torch eager NF4 dequantize (the formula of nf4.md §1.4/§1.7): a peer, and
+    the exact reference of the dequantize benchmark."""
+    shape = tuple(qs.shape)
+    n = math.prod(shape)
+    absmax = qs.absmax
+    if qs.nested:
+        s2 = qs.state2
+        idx = torch.arange(absmax.numel(), device=absmax.device) // s2.blocksize
+        # two separately rounded fp32 operations, as bitsandbytes computes them
+        absmax = s2.code[absmax.long()] * s2.absmax[idx]
+        absmax = absmax + qs.offset
+    p = packed.reshape(-1)
+    nib = torch.stack(((p >> 4), (p & 0x0F)), dim=-1).reshape(-1)[:n].long()
+    scale = absmax.float().repeat_interleave(qs.blocksize)[:n]
+    return (qs.code.float()[nib] * scale).to(dtype).reshape(shape)
+
+
+def protect_bnb(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking NF4 bytes in place on AVX512-BF16 CPUs (nf4.md §1.6):
+    every provider shares these bytes, and a repacked weight reads as garbage."""
+    try:
+        protect = importlib.import_module("fastlora.patch").protect_bnb_weights
+    except (ImportError, AttributeError):
+        protect = None  # not written yet: the attribute below is what it sets
+    if protect is not None:
+        protect(model)
+    bnb = _bnb()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def ring_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
