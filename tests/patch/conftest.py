@@ -17,3 +17,15 @@ def saved_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The models are tiny: a second thread buys nothing and, on the shared 2-core CI
+    # machine, oversubscription makes runs several times slower.
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
