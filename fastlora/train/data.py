@@ -31,6 +31,7 @@ boundary by a joint tokenization.
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import os
@@ -280,6 +281,9 @@ def _encode_messages(messages: list[dict], tokenizer) -> dict:
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; cannot render 'messages' data")
+    if not getattr(tokenizer, "is_fast", False):
+        # token boundaries are found from character offsets, which only fast tokenizers give
+        raise TypeError(f"'messages' data needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
     eos = _eos_id(tokenizer)
     full = _render(tokenizer, messages, generation_prompt=False)
     spans = []  # (start_char, end_char) of each assistant turn in `full`
@@ -414,20 +418,17 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
     # longest first; ties by original index so the result is deterministic
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     bins: list[list[int]] = []
-    space: list[int] = []
+    free: list[tuple[int, int]] = []  # (free space, row), sorted: the best fit is a bisection away
     for i in order:
         n = len(examples[i]["input_ids"])
-        # best fit: the fullest row that still has room
-        best = -1
-        for b, s in enumerate(space):
-            if s >= n and (best < 0 or s < space[best]):
-                best = b
-        if best < 0:
+        at = bisect.bisect_left(free, (n, -1))  # the fullest row that still has room
+        if at == len(free):
             bins.append([i])
-            space.append(max_length - n)
+            bisect.insort(free, (max_length - n, len(bins) - 1))
         else:
-            bins[best].append(i)
-            space[best] -= n
+            space, row = free.pop(at)
+            bins[row].append(i)
+            bisect.insort(free, (space - n, row))
     rows = []
     for members in bins:
         ids, labels, pos, lens = [], [], [], []

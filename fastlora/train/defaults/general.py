@@ -34,7 +34,6 @@ _QA: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is 6 + 6?", ("12", "twelve")),
     ("What is 5 times 2?", ("10", "ten")),
     ("What is 9 + 1?", ("10", "ten")),
-    ("What is 100 divided by 10?", ("10", "ten")),
     ("What color is the sky on a clear day?", ("blue",)),
     ("What color is grass?", ("green",)),
     ("What color is snow?", ("white",)),

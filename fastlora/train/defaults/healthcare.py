@@ -20,12 +20,9 @@ from importlib import resources
 
 CATEGORIES = ("symptoms", "appointment", "billing", "prescription")
 
+# Short on purpose: it is in every training example, and the default run trains on 2 CPU cores.
 SYSTEM_PROMPT = (
-    "You sort patient messages for a medical clinic. Categories: "
-    "symptoms (health problems, pain, illness), "
-    "appointment (booking, changing or cancelling a visit), "
-    "billing (bills, charges, payments, insurance costs), "
-    "prescription (medication refills, renewals, pharmacy, dosing). "
+    "Classify the patient message as symptoms, appointment, billing or prescription. "
     'Reply with only JSON: {"category": "<category>"}'
 )
 # the same task statement, for prompt/completion or Alpaca-style use
