@@ -37,20 +37,26 @@ class _BnbNF4:
         return self._absmax
 
 
-def make_nf4(out_f, in_f, dtype=torch.float32, device="cpu", blocksize=BS, seed=0):
-    """(NF4 weight, its dense dequantization by bitsandbytes in the weight's dtype)."""
+def make_nf4(out_f, in_f, dtype=torch.float32, device="cpu", blocksize=BS, seed=0, wrap=None):
+    """(NF4 weight, its dense dequantization by bitsandbytes in the weight's dtype).
+
+    The weight is ``fastlora.NF4Weight.from_bnb`` (double-quantized statistics) when
+    fastlora.nf4 is importable, else the same contract over bnb's tensors (``wrap="raw"``
+    forces the latter, whose fields the bad-input tests corrupt)."""
     import bitsandbytes.functional as bf
 
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype)
     packed, qs = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    dense = bf.dequantize_4bit(packed, qs)  # the oracle, in `dtype`
+    dense = bf.dequantize_4bit(packed, qs).to(device)  # the oracle, in `dtype`
+    if wrap is None and has_module("fastlora.nf4"):
+        from fastlora.nf4 import NF4Weight
+
+        return NF4Weight.from_bnb((packed, qs)).to(device), dense
     absmax = (bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-    weight = _BnbNF4(packed, absmax, qs.code.float(), (out_f, in_f), blocksize, dtype)
-    move = lambda t: t.to(device)  # noqa: E731
-    weight.packed, weight._absmax, weight.code, weight.device = (
-        move(packed), move(absmax), move(weight.code), torch.device(device))
-    return weight, move(dense)
+    weight = _BnbNF4(packed.to(device), absmax.to(device), qs.code.float().to(device),
+                     (out_f, in_f), blocksize, dtype)
+    return weight, dense
 
 
 def make_inputs(lead, dtype, device="cpu", r=R, bias="grad", lora_dtype=None, seed=1):
@@ -103,6 +109,13 @@ def test_nf4_fp32_cpu(backend, M, bias):
     weight, dense = make_nf4(N, K)
     x, A, B, b = make_inputs((M,), torch.float32, bias=bias)
     check(x, weight, dense, A, B, b, backend=backend)
+
+
+def test_nf4_contract_without_nf4weight():
+    # any object with the NF4Weight fields works (plain fp32 statistics here)
+    weight, dense = make_nf4(N, K, wrap="raw")
+    x, A, B, b = make_inputs((3,), torch.float32)
+    check(x, weight, dense, A, B, b)
 
 
 @pytest.mark.parametrize("M", [1, 3, 129])
@@ -239,16 +252,38 @@ def test_bad_inputs():
         lora_linear(x, object(), A, B)
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         lora_linear(torch.ones(3, K, dtype=torch.long), weight, A, B)
-    bad = make_nf4(N, K)[0]
+    bad = make_nf4(N, K, wrap="raw")[0]
     bad.packed = bad.packed[:-1]
     with pytest.raises(ValueError, match=r"shape \(130, 200\) needs 13000 packed uint8 bytes"):
         lora_linear(x, bad, A, B)
-    bad = make_nf4(N, K)[0]
+    bad = make_nf4(N, K, wrap="raw")[0]
     bad._absmax = bad._absmax[:-1]
     with pytest.raises(ValueError, match="needs 407 float32 absmax values"):
         lora_linear(x, bad, A, B)
     with pytest.raises(ValueError, match=r"no cuda backend"):
         lora_linear(x, weight, A, B, backend="cuda")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
+    # Pretend every backend is available: the choice itself is what is tested here.
+    import fastlora.backend as fb
+    from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends
+
+    monkeypatch.setattr(fb, "available", lambda b: (True, None))
+    cuda = torch.device("cuda")
+    T, C = Backend.TRITON, Backend.CUDA
+    assert _choose_backends(cuda, 1, torch.bfloat16, None) == (C, T)
+    assert _choose_backends(cuda, GEMV_MAX_M, torch.float16, None) == (C, T)
+    assert _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, None) == (T, T)
+    assert _choose_backends(cuda, 1, torch.float32, None) == (T, T)  # the GEMV is 16-bit only
+    assert _choose_backends(cuda, 1, torch.bfloat16, "triton") == (T, T)
+    assert _choose_backends(torch.device("cpu"), 1, torch.float32, None) == (Backend.CPP,) * 2
+    assert _choose_backends(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
+    with pytest.raises(ValueError, match="no cuda backend"):
+        _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
 
 
 # --------------------------------------------------------------------------- custom ops
