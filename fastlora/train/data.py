@@ -272,12 +272,14 @@ def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
 
 def _encode_messages(messages: list[dict], tokenizer) -> dict:
     """Render the whole chat once with the tokenizer's template, tokenize it once, and train the
-    tokens of each assistant turn: from the end of the generation prompt to the end-of-turn token.
+    tokens of each assistant turn: from its content to its end-of-turn token.
 
-    Turn boundaries come from rendering prefixes of the chat as text: the assistant turn i spans
-    ``render(messages[:i], generation_prompt=True)`` to ``render(messages[:i+1])``. Whatever the
-    template puts after the end-of-turn (EOS) token, such as a newline, is not trained: the model
-    stops at EOS, so it never generates it.
+    Turn boundaries come from rendering prefixes of the chat as text: assistant turn i ends where
+    ``render(messages[:i+1])`` ends, and its content is the last occurrence of the content in
+    that prefix, after ``render(messages[:i])`` (or, for templates that rewrite the content, e.g.
+    by trimming it, right after the generation prompt). Whatever the template puts after the
+    end-of-turn (EOS) token, such as a newline, is not trained: the model stops at EOS, so it
+    never generates it.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; cannot render 'messages' data")
@@ -290,15 +292,24 @@ def _encode_messages(messages: list[dict], tokenizer) -> dict:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        prev = _render(tokenizer, messages[:i], generation_prompt=False) if i else ""
         through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not (full.startswith(through) and through.startswith(before)):
+        if not (full.startswith(through) and through.startswith(prev)):
             # e.g. templates that rewrite earlier turns once a later one exists
             raise ValueError(
                 f"messages record: the chat template does not render assistant turn {i} as a prefix of the "
                 "whole chat, so its tokens cannot be located; use prompt_completion data instead"
             )
-        spans.append((len(before), len(through)))
+        start = through.rfind(m["content"]) if m["content"] else -1
+        if start < len(prev):
+            gen = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+            if not (i and through.startswith(gen)):
+                raise ValueError(
+                    f"messages record: cannot locate the content of assistant turn {i} in the rendered chat "
+                    "template; use prompt_completion data instead"
+                )
+            start = len(gen)
+        spans.append((start, len(through)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)

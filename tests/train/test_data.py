@@ -431,3 +431,40 @@ def test_pack_best_fit_decreasing():
     assert sorted(seen) == list(range(len(lengths)))
     with pytest.raises(ValueError, match="example 0 has 7 tokens, more than the packing max_length=6"):
         D.pack(exs, max_length=6)
+
+
+def test_messages_answer_text_also_in_prompt_and_first_turn(tok):
+    """The trained span is the assistant's turn even when its text also occurs earlier, and when
+    the chat opens with the assistant (the template then inserts its default system prompt)."""
+    ex = D.encode({"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "ok"},
+                                {"role": "assistant", "content": "ok"}]}, tok, "messages", max_length=64)
+    assert pieces(tok, ex) == [
+        ("<|im_start|>", False), ("system", False), ("Ċ", False), ("ok", False), ("<|im_end|>", False), ("Ċ", False),
+        ("<|im_start|>", False), ("user", False), ("Ċ", False), ("ok", False), ("<|im_end|>", False), ("Ċ", False),
+        ("<|im_start|>", False), ("ass", False), ("istant", False), ("Ċ", False),
+        ("ok", True), ("<|im_end|>", True), ("Ċ", False),
+    ]
+    ex = D.encode({"messages": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "hi"}]},
+                  tok, "messages", max_length=64)
+    assert pieces(tok, ex) == SMOL_DEFAULT_SYSTEM + [
+        ("<|im_start|>", False), ("ass", False), ("istant", False), ("Ċ", False),
+        ("Hello", True), ("<|im_end|>", True), ("Ċ", False),
+        ("<|im_start|>", False), ("user", False), ("Ċ", False), ("hi", False), ("<|im_end|>", False), ("Ċ", False),
+    ]
+
+
+def test_messages_empty_answer_trains_end_of_turn(tok):
+    ex = D.encode({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+                  tok, "messages", max_length=64)
+    assert pieces(tok, ex)[-4:] == [("istant", False), ("Ċ", False), ("<|im_end|>", True), ("Ċ", False)]
+
+
+def test_template_that_trims_content(tiny_tok):
+    import copy
+
+    trimming = copy.deepcopy(tiny_tok)
+    trimming.chat_template = tiny_tok.chat_template.replace("m['content']", "m['content'] | trim")
+    ex = D.encode({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ok \n"}]},
+                  trimming, "messages", max_length=64)
+    assert pieces(trimming, ex) == [("<|user|>", False), ("hi", False), ("</s>", False),
+                                    ("<|assistant|>", False), ("ok", True), ("</s>", True)]
