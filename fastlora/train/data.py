@@ -211,6 +211,8 @@ def detect_format(records: list[dict], fmt: str = "auto") -> str:
     """
     if not records:
         raise ValueError("no records to detect the format of (the dataset is empty)")
+    if not isinstance(records[0], dict):
+        raise ValueError(f"records must be dicts (one per example), got {type(records[0]).__name__}")
     columns = sorted(records[0])
     if fmt != "auto":
         if fmt not in FORMATS:

@@ -73,6 +73,9 @@ def test_load_saved_dataset_dir(tmp_path):
     assert D.load_records(tmp_path / "dd", split="test") == ROWS[1:]
     with pytest.raises(ValueError, match=r"split 'validation' not found.*\['test', 'train'\]"):
         D.load_records(tmp_path / "dd", split="validation")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match=r"plain: directory is not a dataset saved by datasets.save_to_disk"):
+        D.load_records(tmp_path / "plain")
 
 
 def test_load_missing_file(tmp_path):
@@ -156,6 +159,8 @@ def test_detect_format_missing_columns_names_found_and_accepted():
         D.detect_format([{"text": "t"}], "sharegpt")
     with pytest.raises(ValueError, match="empty"):
         D.detect_format([])
+    with pytest.raises(ValueError, match="records must be dicts"):
+        D.detect_format(["text"])
 
 
 # ---------------------------------------------------------------------------------------------
