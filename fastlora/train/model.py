@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +147,8 @@ def load_base(path: str | os.PathLike, *, load_in_4bit: bool, dtype: torch.dtype
 
 
 def protect_bnb_weights(model) -> None:
-    """Delegate to fastlora.patch.protect_bnb_weights; fall back to switching off bnb's
-    CPU repack directly if the patch package does not provide it."""
-    try:
-        from fastlora.patch import protect_bnb_weights as protect
-    except ImportError as e:
-        warnings.warn(f"fastlora.patch.protect_bnb_weights unavailable ({e}); disabling bnb's CPU repack directly")
-        for m in model.modules():
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
-        return
+    from fastlora.patch import protect_bnb_weights as protect
+
     protect(model)
 
 
@@ -209,13 +200,14 @@ def apply_patch(model, enabled: bool) -> dict | None:
 
 
 def _report_summary(report) -> dict:
+    """JSON-able view of a PatchReport (what was patched, what fell back and why)."""
     if report is None:
         return {}
-    for attr in ("to_dict", "as_dict"):
-        fn = getattr(report, attr, None)
-        if callable(fn):
-            try:
-                return json.loads(json.dumps(fn(), default=str))
-            except (TypeError, ValueError):
-                break
-    return {"report": str(report)}
+    out: dict[str, Any] = {"text": str(report)}
+    for attr in ("ok", "patched", "protected", "backend", "already_patched"):
+        if hasattr(report, attr):
+            v = getattr(report, attr)
+            out[attr] = dict(v) if isinstance(v, dict) else v
+    if hasattr(report, "fallbacks"):
+        out["fallbacks"] = [str(f) for f in report.fallbacks]
+    return json.loads(json.dumps(out, default=str))

@@ -110,6 +110,29 @@ def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
                          num_training_steps=total_steps)
 
 
+# ------------------------------------------------------------ one update's grads
+def accumulate_gradients(model, batches: list[dict], device: torch.device) -> tuple[float, int, int]:
+    """Forward/backward the micro-batches of one optimizer step, accumulating into .grad.
+
+    Each micro-batch's mean loss (over its own n_i trained tokens) is scaled by n_i / N,
+    N = trained tokens of ALL the micro-batches, so the accumulated gradient is that of
+    (sum of token losses) / N: exactly the full batch's. Returns (summed token loss, N,
+    input tokens processed)."""
+    counts = [ev.trained_tokens(b["labels"]) for b in batches]
+    n_total = sum(counts)
+    loss_sum, tokens = 0.0, 0
+    for b, n in zip(batches, counts):
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        if n == 0:
+            continue  # nothing to train: skipping avoids the 0/0 NaN of a fully masked batch
+        b = {k: v.to(device) for k, v in b.items()}
+        # use_cache=False: with a cache transformers ignores packed position_ids' boundaries.
+        out = model(**b, use_cache=False)
+        (out.loss * (n / n_total)).backward()
+        loss_sum += float(out.loss.detach()) * n
+    return loss_sum, n_total, tokens
+
+
 # ------------------------------------------------------------------- the run
 def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool | None] | None = None,
         **overrides: Any) -> dict:
@@ -233,19 +256,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                 idx = batch_order(len(rows), cfg.batch_size, seed=cfg.seed, epoch=epoch)[pos]
                 batches.append(collate([rows[i] for i in idx], pad_id))
                 state["micro"] += 1
-            n_total = sum(ev.trained_tokens(b["labels"]) for b in batches)
-            loss_sum = 0.0
-            tokens = 0
-            for b in batches:
-                n = ev.trained_tokens(b["labels"])
-                tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                if n == 0:
-                    continue
-                b = {k: v.to(device) for k, v in b.items()}
-                # use_cache=False: with a cache transformers ignores packed position_ids' boundaries.
-                outp = model(**b, use_cache=False)
-                (outp.loss * (n / n_total)).backward()
-                loss_sum += float(outp.loss.detach()) * n
+            loss_sum, n_total, tokens = accumulate_gradients(model, batches, device)
             grad_norm = None
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))

@@ -1,0 +1,95 @@
+"""The fastlora CLI: flags map onto SFTConfig, YAML + flag overrides, clear errors (exit 2,
+no traceback), info/bench delegation, and a real tiny run through the command line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastlora import cli
+from fastlora.train import SFTConfig
+
+
+def _parse(argv):
+    return cli.build_parser().parse_args(argv)
+
+
+def test_every_config_field_has_a_flag():
+    flags = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["sft"]._actions}
+    missing = set(SFTConfig.field_names()) - flags
+    assert not missing, missing
+
+
+def test_flags_override_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.001\nbatch-size: 4\ntarget_modules: [q_proj, v_proj]\npacking: true\nmax_steps: 7\n")
+    args = _parse(["sft", "--config", str(y), "--lr", "3e-4", "--no-patch", "--data", "a.jsonl", "b.jsonl"])
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
+    cfg = SFTConfig.from_yaml(y, **overrides)
+    assert cfg.lr == 3e-4  # flag wins
+    assert cfg.batch_size == 4 and cfg.packing is True and cfg.max_steps == 7  # from the file
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.patch is False and cfg.data == ["a.jsonl", "b.jsonl"]
+    # Flags not given leave the dataclass defaults alone.
+    assert cfg.warmup_steps == SFTConfig().warmup_steps
+
+
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [("lrr: 0.1\n", r"unknown option\(s\) \['lrr'\]"), ("batch_size: eight\n", "batch_size"),
+     ("- a\n- b\n", "mapping"), ("lr: [\n", "not valid YAML"), ("scheduler: cosinus\n", "scheduler")],
+)
+def test_bad_yaml_exits_2_with_a_clear_message(tmp_path, capsys, yaml_text, match):
+    y = tmp_path / "bad.yaml"
+    y.write_text(yaml_text)
+    assert cli.main(["sft", "--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_missing_inputs_exit_2_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["sft", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+    assert cli.main(["sft", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "x.jsonl"),
+                     "--output-dir", str(out)]) == 2
+    assert "x.jsonl" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(["merge", "--adapter", str(tmp_path / "no_adapter"), "--output", str(out)]) == 2
+    assert "no_adapter" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_info_prints_backends(capsys):
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_bench_delegates(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("fastlora.bench")
+    fake.run = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "fastlora.bench", fake)
+    assert cli.main(["bench", "--preset", "tiny", "--only", "nf4"]) == 0
+    assert calls == [{"preset": "tiny", "only": ["nf4"]}]
+
+
+def test_sft_through_the_cli(tiny_model_dir, chat_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["sft", "--model", str(tiny_model_dir), "--data", str(chat_jsonl), "--output-dir", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--no-measure-forgetting", "--no-progress", "--no-patch",
+            "--lora-r", "2", "--max-length", "64"]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["patched"] is False
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["lora_r"] == 2
+    # Running again into the same dir is refused with a clear message.
+    assert cli.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
