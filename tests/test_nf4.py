@@ -21,8 +21,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # and more than 256 blocks at blocksize 64 so the nested statistics have two blocks.
 SHAPES = ((1, 7), (33, 65), (301, 257), (128, 512), (24, 2048))
 
-# Every CPU backend runs on every case. CPP is added with its kernels (see below).
-CPU_BACKENDS = [Backend.REFERENCE]
+# Every CPU backend runs on every case. The C++ kernels must be built (`make test` builds
+# them): a missing extension fails these tests rather than skipping them.
+CPU_BACKENDS = [Backend.REFERENCE, Backend.CPP]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -310,3 +311,28 @@ def test_dequantize_rejects_bad_dtype_and_backend():
         q.dequantize(backend="bogus")
     with pytest.raises(ValueError, match="no cuda backend|needs CUDA"):
         q.dequantize(backend="cuda")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_rounding_edges_all_backends_agree(nested):
+    # Random bytes and block scales spread over 2^-40 .. 2^20, so the products hit fp16
+    # subnormals, fp16 overflow to inf, and bf16/fp16 rounding ties: every backend must
+    # produce the reference's (torch's round-to-nearest-even) bits.
+    g = torch.Generator().manual_seed(5)
+    shape, bs = (37, 130), 32
+    n = shape[0] * shape[1]
+    nb = -(-n // bs)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, generator=g)
+    scales = torch.exp2(torch.randint(-40, 21, (nb,), generator=g).float()) * (1 + torch.rand(nb, generator=g))
+    if nested:
+        nb2 = -(-nb // 256)
+        w = NF4Weight(
+            packed, torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=g), shape, torch.float16, bs,
+            offset=torch.tensor(0.0123), state2_absmax=scales[:nb2], state2_code=dynamic_code(),
+        )
+    else:
+        w = NF4Weight(packed, scales, shape, torch.float16, bs)
+    for out_dtype in DTYPES:
+        expected = formula_dequantize(packed, w.absmax_f32(), bs, shape, out_dtype)
+        for backend in CPU_BACKENDS:
+            assert_bits_equal(w.dequantize(out_dtype, backend=backend), expected, f"{backend.value} {out_dtype}")

@@ -1,0 +1,356 @@
+// NF4 quantize / dequantize on CPU, bit-exact with the pure-torch reference in
+// fastlora/nf4.py (and so with bitsandbytes 0.50). Multithreaded over blocks with OpenMP
+// when it is linked.
+//
+// Dequantize is memory-bound: per NF4 block we build a 16-entry table of the already
+// rounded output values (code[k] * absmax, cast with round-to-nearest-even), then expand
+// bytes through it. With SSSE3 the expansion is pshufb byte shuffles: 16 packed bytes
+// become 32 outputs with no float work at all.
+//
+// All functions take raw addresses (uintptr_t) and sizes; fastlora/nf4.py validates
+// every argument before it calls here.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__SSSE3__)
+#include <tmmintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "nf4.h"
+#include "registry.h"
+
+namespace fastlora {
+namespace {
+
+using nf4::OutDtype;
+
+const float kMid[15] = FASTLORA_NF4_MID_INIT;
+const float kStats8Thr[nf4::kStats8Thresholds] = FASTLORA_STATS8_THRESHOLD_INIT;
+
+inline std::uint32_t f32_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// float32 -> bfloat16, round to nearest even (what torch's .to(bfloat16) does).
+inline std::uint16_t f32_to_bf16(float f) {
+  std::uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+// float32 -> float16, round to nearest even, with subnormals and overflow to inf.
+inline std::uint16_t f32_to_f16(float f) {
+  const std::uint32_t u = f32_bits(f);
+  const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+  const std::uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {
+    // Below 2^-14 the result is subnormal, in units of 2^-24. Adding 0.5 (whose ulp is
+    // 2^-24) makes the FPU round |f| to that grid, to nearest even.
+    const float r = bits_f32(a) + 0.5f;
+    return sign | static_cast<std::uint16_t>(f32_bits(r) - 0x3f000000u);
+  }
+  std::uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round the 13 dropped bits
+  r -= (127u - 15u) << 23;                           // rebias the exponent
+  return sign | static_cast<std::uint16_t>(r >> 13);
+}
+
+inline float bf16_to_f32(std::uint16_t h) { return bits_f32(static_cast<std::uint32_t>(h) << 16); }
+
+inline float f16_to_f32(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {  // subnormal: m * 2^-24, exact in float32
+    const float v = std::ldexp(static_cast<float>(m), -24);
+    return sign ? -v : v;
+  }
+  return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+template <typename F>
+inline void parallel_blocks(std::int64_t nblocks, F&& body) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (std::int64_t b = 0; b < nblocks; ++b) body(b);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantize
+// ---------------------------------------------------------------------------------------
+
+// Decoded float32 block scales. The nested form is code2[q] * absmax2[i / bs2], then
+// + offset, as two separately rounded operations: two loops, so no FMA can contract them.
+std::vector<float> decode_absmax(const void* absmax, const float* s2_absmax, const float* s2_code,
+                                 float offset, bool nested, std::int64_t nblocks, std::int64_t bs2) {
+  std::vector<float> am(static_cast<size_t>(nblocks));
+  if (!nested) {
+    std::memcpy(am.data(), absmax, sizeof(float) * nblocks);
+    return am;
+  }
+  const auto* q = static_cast<const std::uint8_t*>(absmax);
+  for (std::int64_t i = 0; i < nblocks; ++i) am[i] = s2_code[q[i]] * s2_absmax[i / bs2];
+  for (std::int64_t i = 0; i < nblocks; ++i) am[i] = am[i] + offset;
+  return am;
+}
+
+// Expand `nbytes` packed bytes into 2*nbytes outputs of T through a 16-entry table.
+template <typename T>
+inline void expand_scalar(const std::uint8_t* in, std::int64_t nbytes, const T* lut, T* out) {
+  for (std::int64_t j = 0; j < nbytes; ++j) {
+    const std::uint8_t b = in[j];
+    out[2 * j] = lut[b >> 4];
+    out[2 * j + 1] = lut[b & 15];
+  }
+}
+
+#if defined(__SSSE3__)
+// 16-bit outputs: the table is split into its low and high bytes; pshufb looks both up.
+inline std::int64_t expand16_ssse3(const std::uint8_t* in, std::int64_t nbytes, const std::uint16_t* lut,
+                                   std::uint16_t* out) {
+  alignas(16) std::uint8_t lo[16], hi[16];
+  for (int k = 0; k < 16; ++k) lo[k] = lut[k] & 0xff, hi[k] = lut[k] >> 8;
+  const __m128i tlo = _mm_load_si128(reinterpret_cast<const __m128i*>(lo));
+  const __m128i thi = _mm_load_si128(reinterpret_cast<const __m128i*>(hi));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  std::int64_t j = 0;
+  for (; j + 16 <= nbytes; j += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
+    const __m128i nh = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    const __m128i nl = _mm_and_si128(v, mask);
+    const __m128i i0 = _mm_unpacklo_epi8(nh, nl);  // nibbles of elements 0..15, in order
+    const __m128i i1 = _mm_unpackhi_epi8(nh, nl);  // elements 16..31
+    const __m128i l0 = _mm_shuffle_epi8(tlo, i0), h0 = _mm_shuffle_epi8(thi, i0);
+    const __m128i l1 = _mm_shuffle_epi8(tlo, i1), h1 = _mm_shuffle_epi8(thi, i1);
+    __m128i* o = reinterpret_cast<__m128i*>(out + 2 * j);
+    _mm_storeu_si128(o + 0, _mm_unpacklo_epi8(l0, h0));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi8(l0, h0));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi8(l1, h1));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi8(l1, h1));
+  }
+  return j;
+}
+
+// 32-bit outputs: four byte tables, recombined with two levels of unpacks.
+inline void store32x16(__m128i idx, const __m128i t[4], std::uint32_t* out) {
+  const __m128i b0 = _mm_shuffle_epi8(t[0], idx), b1 = _mm_shuffle_epi8(t[1], idx);
+  const __m128i b2 = _mm_shuffle_epi8(t[2], idx), b3 = _mm_shuffle_epi8(t[3], idx);
+  const __m128i lo01 = _mm_unpacklo_epi8(b0, b1), hi01 = _mm_unpackhi_epi8(b0, b1);
+  const __m128i lo23 = _mm_unpacklo_epi8(b2, b3), hi23 = _mm_unpackhi_epi8(b2, b3);
+  __m128i* o = reinterpret_cast<__m128i*>(out);
+  _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(lo01, lo23));
+  _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(lo01, lo23));
+  _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(hi01, hi23));
+  _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(hi01, hi23));
+}
+
+inline std::int64_t expand32_ssse3(const std::uint8_t* in, std::int64_t nbytes, const std::uint32_t* lut,
+                                   std::uint32_t* out) {
+  alignas(16) std::uint8_t tb[4][16];
+  for (int k = 0; k < 16; ++k)
+    for (int s = 0; s < 4; ++s) tb[s][k] = static_cast<std::uint8_t>(lut[k] >> (8 * s));
+  __m128i t[4];
+  for (int s = 0; s < 4; ++s) t[s] = _mm_load_si128(reinterpret_cast<const __m128i*>(tb[s]));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  std::int64_t j = 0;
+  for (; j + 16 <= nbytes; j += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
+    const __m128i nh = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    const __m128i nl = _mm_and_si128(v, mask);
+    store32x16(_mm_unpacklo_epi8(nh, nl), t, out + 2 * j);
+    store32x16(_mm_unpackhi_epi8(nh, nl), t, out + 2 * j + 16);
+  }
+  return j;
+}
+#endif
+
+template <typename T>
+inline T cast_out(float v);
+template <>
+inline std::uint32_t cast_out<std::uint32_t>(float v) { return f32_bits(v); }
+
+template <typename T>
+void dequantize_impl(const std::uint8_t* packed, const float* am, const float* code, std::int64_t n,
+                     std::int64_t bs, T* out, std::uint16_t (*cvt16)(float)) {
+  const std::int64_t nblocks = (n + bs - 1) / bs;
+  parallel_blocks(nblocks, [&](std::int64_t b) {
+    T lut[16];
+    for (int k = 0; k < 16; ++k) {
+      const float v = code[k] * am[b];
+      if constexpr (sizeof(T) == 4) {
+        lut[k] = f32_bits(v);
+      } else {
+        lut[k] = cvt16(v);
+      }
+    }
+    const std::int64_t e0 = b * bs;  // bs is even, so a block starts on a byte boundary
+    const std::int64_t ne = std::min(bs, n - e0);
+    const std::int64_t full_bytes = ne / 2;
+    const std::uint8_t* in = packed + e0 / 2;
+    T* o = out + e0;
+    std::int64_t done = 0;
+#if defined(__SSSE3__)
+    if constexpr (sizeof(T) == 4) {
+      done = expand32_ssse3(in, full_bytes, lut, o);
+    } else {
+      done = expand16_ssse3(in, full_bytes, lut, o);
+    }
+#endif
+    expand_scalar(in + done, full_bytes - done, lut, o + 2 * done);
+    if (ne & 1) o[ne - 1] = lut[in[full_bytes] >> 4];  // odd n: the last byte's high nibble
+  });
+}
+
+void nf4_dequantize_cpu(std::uintptr_t packed, std::uintptr_t absmax, std::uintptr_t code,
+                        std::uintptr_t s2_absmax, std::uintptr_t s2_code, float offset, bool nested,
+                        std::int64_t n, std::int64_t blocksize, std::int64_t s2_blocksize,
+                        std::uintptr_t out, int out_dtype) {
+  const std::int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const std::vector<float> am =
+      decode_absmax(reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(s2_absmax),
+                    reinterpret_cast<const float*>(s2_code), offset, nested, nblocks, s2_blocksize);
+  const auto* p = reinterpret_cast<const std::uint8_t*>(packed);
+  const auto* c = reinterpret_cast<const float*>(code);
+  switch (out_dtype) {
+    case nf4::kFloat32:
+      dequantize_impl<std::uint32_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint32_t*>(out),
+                                     nullptr);
+      break;
+    case nf4::kFloat16:
+      dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
+                                     f32_to_f16);
+      break;
+    case nf4::kBFloat16:
+      dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
+                                     f32_to_bf16);
+      break;
+    default:
+      throw std::invalid_argument("nf4_dequantize_cpu: unknown output dtype code " + std::to_string(out_dtype));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantize
+// ---------------------------------------------------------------------------------------
+inline std::uint8_t nf4_index(float x) {
+  // Branch-free comparison count: x > mid moves up, so ties go to the lower code.
+  int q = 0;
+  for (int k = 0; k < 15; ++k) q += x > kMid[k];
+  return static_cast<std::uint8_t>(q);
+}
+
+template <typename Load>
+void quantize_impl(Load load, std::int64_t n, std::int64_t bs, std::uint8_t* packed, float* absmax) {
+  const std::int64_t nblocks = (n + bs - 1) / bs;
+  parallel_blocks(nblocks, [&](std::int64_t b) {
+    const std::int64_t e0 = b * bs, ne = std::min(bs, n - e0);
+    float x[4096];  // the largest valid blocksize
+    float am = 0.f;
+    for (std::int64_t i = 0; i < ne; ++i) {
+      x[i] = load(e0 + i);
+      am = std::max(am, std::fabs(x[i]));
+    }
+    // bitsandbytes 0.50 (default/CPU path): full blocks multiply by the reciprocal of the
+    // clamped absmax and store the unclamped one; the trailing partial block divides by
+    // its clamped absmax and stores the clamped one.
+    const float amc = std::max(am, 1e-38f);
+    std::uint8_t q[4096];
+    if (ne == bs) {
+      const float r = 1.0f / amc;
+      absmax[b] = am;
+      for (std::int64_t i = 0; i < ne; ++i) q[i] = nf4_index(std::min(std::max(x[i] * r, -1.f), 1.f));
+    } else {
+      absmax[b] = amc;
+      for (std::int64_t i = 0; i < ne; ++i) q[i] = nf4_index(std::min(std::max(x[i] / amc, -1.f), 1.f));
+    }
+    if (ne & 1) q[ne] = 7;  // odd n: bitsandbytes pads with 0.0, which is code 7
+    std::uint8_t* o = packed + e0 / 2;
+    for (std::int64_t j = 0; j < (ne + 1) / 2; ++j) o[j] = static_cast<std::uint8_t>(q[2 * j] << 4 | q[2 * j + 1]);
+  });
+}
+
+void nf4_quantize_cpu(std::uintptr_t in, int in_dtype, std::int64_t n, std::int64_t blocksize,
+                      std::uintptr_t packed, std::uintptr_t absmax) {
+  auto* p = reinterpret_cast<std::uint8_t*>(packed);
+  auto* a = reinterpret_cast<float*>(absmax);
+  if (blocksize > 4096 || blocksize < 2 || blocksize % 2)
+    throw std::invalid_argument("nf4_quantize_cpu: blocksize must be even and at most 4096");
+  switch (in_dtype) {
+    case nf4::kFloat32: {
+      const auto* x = reinterpret_cast<const float*>(in);
+      quantize_impl([x](std::int64_t i) { return x[i]; }, n, blocksize, p, a);
+      break;
+    }
+    case nf4::kFloat16: {
+      const auto* x = reinterpret_cast<const std::uint16_t*>(in);
+      quantize_impl([x](std::int64_t i) { return f16_to_f32(x[i]); }, n, blocksize, p, a);
+      break;
+    }
+    case nf4::kBFloat16: {
+      const auto* x = reinterpret_cast<const std::uint16_t*>(in);
+      quantize_impl([x](std::int64_t i) { return bf16_to_f32(x[i]); }, n, blocksize, p, a);
+      break;
+    }
+    default:
+      throw std::invalid_argument("nf4_quantize_cpu: unknown input dtype code " + std::to_string(in_dtype));
+  }
+}
+
+// Double-quant statistics: blockwise 8-bit with bitsandbytes' CPU thresholds (nf4.h).
+void nf4_quantize_stats_cpu(std::uintptr_t in, std::int64_t n, std::int64_t blocksize, std::uintptr_t q_out,
+                            std::uintptr_t absmax_out) {
+  const auto* x = reinterpret_cast<const float*>(in);
+  auto* q = reinterpret_cast<std::uint8_t*>(q_out);
+  auto* absmax = reinterpret_cast<float*>(absmax_out);
+  const std::int64_t nblocks = (n + blocksize - 1) / blocksize;
+  parallel_blocks(nblocks, [&](std::int64_t b) {
+    const std::int64_t e0 = b * blocksize, ne = std::min(blocksize, n - e0);
+    float am = 0.f;
+    for (std::int64_t i = 0; i < ne; ++i) am = std::max(am, std::fabs(x[e0 + i]));
+    absmax[b] = am;
+    const float r = 1.0f / am;  // inf for an all-zero block: 0 * inf = NaN -> index 0
+    for (std::int64_t i = 0; i < ne; ++i) {
+      const float v = x[e0 + i] * r;
+      q[e0 + i] = std::isnan(v) ? 0
+                                : static_cast<std::uint8_t>(std::upper_bound(kStats8Thr, kStats8Thr + nf4::kStats8Thresholds, v) -
+                                                            kStats8Thr);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastlora
+
+static void nf4_cpu_bind(pybind11::module_& m) {
+  namespace py = pybind11;
+  using namespace fastlora;
+  m.def("nf4_dequantize_cpu", &nf4_dequantize_cpu, py::call_guard<py::gil_scoped_release>(),
+        "NF4 dequantize (CPU): packed, absmax, code, state2_absmax, state2_code, offset, nested, n, "
+        "blocksize, state2_blocksize, out, out_dtype (0 f32, 1 f16, 2 bf16)");
+  m.def("nf4_quantize_cpu", &nf4_quantize_cpu, py::call_guard<py::gil_scoped_release>(),
+        "NF4 quantize (CPU): input, in_dtype, n, blocksize, packed_out, absmax_out");
+  m.def("nf4_quantize_stats_cpu", &nf4_quantize_stats_cpu, py::call_guard<py::gil_scoped_release>(),
+        "double-quant statistics (CPU): float32 input, n, blocksize, q_out, absmax_out");
+}
+
+FASTLORA_REGISTER(nf4_cpu_bind);
