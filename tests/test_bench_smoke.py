@@ -1,0 +1,121 @@
+"""Smoke test of the benchmark suite: ``fastlora bench --preset tiny`` on this CPU.
+
+It runs the whole tiny suite once (a subprocess; about half a minute on 2 cores) and
+checks what CI promises: every equal-result check ran and passed before anything was
+timed, every provider that did not run says why, and the results files were written.
+Speed is never asserted. The cheap tests below pin the harness's own failure modes.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastlora import bench
+
+
+def test_tiny_preset_runs_checks_and_writes_results(tmp_path):
+    rc = bench.run(preset="tiny", results_dir=tmp_path)
+    jsons = list(tmp_path.glob("*.json"))
+    assert len(jsons) == 1, f"expected one results JSON in {tmp_path}, found {jsons}"
+    data = json.loads(jsons[0].read_text())
+    meta = data["fastlora"]
+    assert rc == 0, f"fastlora bench --preset tiny failed (exit {rc}): {meta['failed']}"
+    assert meta["preset"] == "tiny" and meta["device_type"] == "cpu"
+    assert meta["ceilings"]["copy_GBps"] > 0 and meta["ceilings"]["matmul_TFLOPs"] > 0
+    assert meta["git"]["commit"], "the results must name the git commit"
+    assert meta["versions"]["torch"], "the results must name the torch version"
+
+    checks = meta["checks"]
+    assert checks, "no equal-result check ran"
+    assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
+    timed = [b["extra_info"] for b in data["benchmarks"]]
+    assert timed, "nothing was timed"
+    checked = {(c["case"], c["provider"]) for c in checks}
+    for e in timed:
+        # every timed result was checked first, and carries its metrics
+        assert (f"{e['area']}:{e['case']}", e["provider"]) in checked, e
+        assert e["check_passed"] is True
+        assert e["median_s"] > 0 and e["rounds"] >= 1 and e["ring"] >= 2
+        assert "peak_mem_bytes" in e
+        assert ("GBps" in e) or ("TFLOPs" in e) or ("tokens_per_s" in e)
+    # every area produced at least one timed, checked result (torch/bnb peers always run)
+    assert {e["area"] for e in timed} == set(bench.AREAS)
+    # the peers that cannot run on a CPU are listed with their reason, not silently dropped
+    reasons = " ".join(s["reason"] for s in meta["skipped"])
+    assert "liger-kernel" in reasons and "cut-cross-entropy" in reasons
+
+    md = jsons[0].with_suffix(".md").read_text()
+    assert "## Ratios against each peer" in md and "## Providers not measured" in md
+    assert jsons[0].with_suffix(".png").stat().st_size > 0
+
+
+def test_check_failure_is_loud():
+    from benchmarks import harness as H
+
+    ref = torch.linspace(-1, 1, 100, dtype=torch.float64)
+    ok = H.compare("y", ref.float(), ref, rtol=1e-6, atol_rel=0.0)
+    assert ok["ok"]
+    off = ref.float().clone()
+    off[17] += 1e-3
+    bad = H.compare("y", off, ref, rtol=1e-6, atol_rel=1e-6)
+    assert not bad["ok"] and bad["mismatched"] == 1
+    nan = ref.float().clone()
+    nan[3] = float("nan")
+    assert not H.compare("y", nan, ref, rtol=1.0, atol_rel=1.0)["ok"]
+    assert not H.compare("y", ref[:99].float(), ref, rtol=1.0, atol_rel=1.0)["ok"]
+    with pytest.raises(AssertionError, match="EQUAL-RESULT CHECK FAILED"):
+        H.check_outputs("unit:case", "p", ["y"], [off], [ref], rtol=1e-6, atol_rel=1e-6)
+
+
+def test_nf4_eager_reference_is_bitexact_with_bitsandbytes():
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import harness as H
+
+    w = H.randn((96, 320), seed=0, device="cpu", dtype=torch.bfloat16, scale=0.02)
+    packed, qs = H.quantize_bnb(w)
+    import bitsandbytes.functional as F
+
+    assert torch.equal(H.nf4_dequantize_eager(packed, qs, torch.bfloat16), F.dequantize_4bit(packed, qs))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench.run(preset="huge")
+    with pytest.raises(ValueError, match="unknown area"):
+        bench.run(preset="tiny", only="nf5")
+    assert bench._areas("nf4,train_step") == ["nf4", "train_step"]
+
+
+def _row(area, case, provider, family, t, mem):
+    return {"extra_info": {"area": area, "case": case, "provider": provider, "family": family, "median_s": t,
+                           "min_s": t, "unit": "GB/s", "GBps": 1.0 / t, "peak_mem_bytes": mem,
+                           "peak_mem_over_inputs_bytes": mem}}
+
+
+def test_results_merge_area_by_area(tmp_path):
+    """Two --only runs of the same day, device and preset end in one file; a re-run
+    of an area replaces that area's results only."""
+    rep = {"device": "Test GPU 1", "device_type": "cuda", "ceilings": {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0},
+           "checks": [], "skipped": [], "failed": [], "exitstatus": 0}
+    kw = dict(preset="llama3-8b", results_dir=tmp_path, root=tmp_path, date="2026-01-02")
+    bench.write_results({"benchmarks": [_row("nf4", "4x4", "fastlora-cuda", "fastlora", 1.0, 10),
+                                        _row("nf4", "4x4", "bitsandbytes", "bitsandbytes", 3.0, 30)]},
+                        {**rep, "checks": [{"case": "nf4:4x4", "provider": "bitsandbytes", "passed": True}]},
+                        areas=["nf4"], **kw)
+    paths = bench.write_results({"benchmarks": [_row("lora_linear", "c", "fastlora-triton", "fastlora", 2.0, 5)]},
+                                rep, areas=["lora_linear"], **kw)
+    assert [p.name for p in paths][:2] == ["2026-01-02-test-gpu-1.json", "2026-01-02-test-gpu-1.md"]
+    data = json.loads(paths[0].read_text())
+    assert sorted(b["extra_info"]["provider"] for b in data["benchmarks"]) == [
+        "bitsandbytes", "fastlora-cuda", "fastlora-triton"]
+    assert data["fastlora"]["areas"] == ["nf4", "lora_linear"]
+    assert len(data["fastlora"]["checks"]) == 1
+    md = paths[1].read_text()
+    assert "| nf4 | 4x4 | fastlora-cuda 1.000 s | 3x, mem 0.333x |" in md
+    # the same area again: replaced, not duplicated
+    bench.write_results({"benchmarks": [_row("nf4", "4x4", "fastlora-cuda", "fastlora", 0.5, 10)]}, rep,
+                        areas=["nf4"], **kw)
+    data = json.loads(paths[0].read_text())
+    assert sorted(b["extra_info"]["provider"] for b in data["benchmarks"]) == ["fastlora-cuda", "fastlora-triton"]
