@@ -1,33 +1,33 @@
 """Training data for SFT: load records, detect their format, tokenize with loss masks, pack.
 
-Contract (shared by the trainer, the CLI and the tests):
-
 - ``load_records(path)`` reads ``.jsonl`` / ``.json`` / ``.csv`` files or a directory written by
-  ``datasets.Dataset.save_to_disk`` into a list of dicts. Errors name the file (and the line
-  for a malformed JSONL line).
+  ``datasets``' ``save_to_disk`` into a list of dicts. Errors name the file (and the line of a
+  malformed JSON line).
 - ``detect_format(records)`` picks one of ``FORMATS`` from the columns:
 
-  ==================== ===================================== ==============================
-  format               columns                               trained tokens
-  ==================== ===================================== ==============================
-  ``messages``         ``messages`` (list of role/content)   assistant turns + end of turn
-  ``alpaca``           ``instruction``, [``input``],         ``output`` + EOS
-                       ``output``
-  ``prompt_completion`` ``prompt``, ``completion``           ``completion`` + EOS
-  ``text``             ``text``                              every token + EOS
-  ==================== ===================================== ==============================
+  =====================  ========================================  ============================
+  format                 columns                                   trained tokens
+  =====================  ========================================  ============================
+  ``messages``           ``messages`` (list of role/content)       assistant turns + end of turn
+  ``alpaca``             ``instruction``, ``output``, [``input``]  ``output`` + EOS
+  ``prompt_completion``  ``prompt``, ``completion`` (strings, or    ``completion`` + EOS (or its
+                         lists of turns: conversational)           assistant turns)
+  ``text``               ``text``                                  every token + EOS
+  =====================  ========================================  ============================
 
-- ``encode(record, tokenizer, fmt, max_length=...)`` returns ``{"input_ids", "labels"}`` with
-  ``-100`` on every untrained token. Labels are *unshifted* (Hugging Face causal LMs shift them
-  inside the model), so ``labels[0]`` is never used as a target and a record counts as
-  trainable only if some ``labels[1:]`` is trained.
-- ``pack(examples, max_length)`` packs encoded examples padding-free into rows with per-document
-  ``position_ids``; ``collate`` pads a batch (or, for packed rows, omits ``attention_mask`` so that
-  transformers derives a block-diagonal mask from ``position_ids``).
+- ``encode`` / ``prepare`` return ``{"input_ids", "labels"}`` with ``-100`` on every untrained
+  token. Labels are *unshifted* (Hugging Face causal LMs shift them inside the model), so
+  ``labels[0]`` is never a target and an example is kept only if some ``labels[1:]`` is trained.
+- ``pack`` packs examples padding-free into rows with per-document ``position_ids``; ``collate``
+  pads a batch (and, for packed rows, leaves out ``attention_mask``, so that transformers derives
+  a block-diagonal mask from ``position_ids``: call the model with ``use_cache=False``).
+- ``batch_order`` gives the shuffled batches of an epoch from (seed, epoch) alone, for resume.
 
-Prompt and answer are tokenized exactly as they will be seen at generation time: the prompt on
-its own (as ``generate`` receives it) and the answer appended, never re-merged across the
-boundary by a joint tokenization.
+Alpaca and plain prompt/completion prompts are tokenized on their own, as ``generate`` will
+receive them, and the answer's tokens are appended: no joint tokenization re-merges tokens
+across the boundary. Chats are tokenized whole, as the tokenizer's template renders them; with
+templates whose turns are delimited by special tokens (SmolLM2, Llama 3, Qwen, ...) the prompt
+part is then token for token the generation prompt.
 """
 from __future__ import annotations
 
