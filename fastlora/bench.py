@@ -89,6 +89,7 @@ def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence
             "--bench-report", str(report_json),
             f"--benchmark-json={bench_json}",
             "--benchmark-columns=median,rounds",
+            "--benchmark-disable-gc",  # a collection inside a timed round is noise, not the op's cost
             "-q", "-rsf",
             *map(str, pytest_args),
         ]
