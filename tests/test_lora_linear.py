@@ -10,7 +10,6 @@ import torch
 
 from fastlora.backend import Backend
 from fastlora.ops.lora_linear import (
-    dequantize_nf4_reference,
     lora_linear,
     lora_linear_reference,
     nf4_linear_bwd_input,
@@ -307,12 +306,6 @@ def test_opcheck(backend):
     torch.library.opcheck(nf4_linear_bwd_input, bwd)
     fwd_none = fwd[:7] + (None, None, 1.0, None, backend)
     torch.library.opcheck(nf4_linear_fwd, fwd_none)
-
-
-def test_reference_dequant_matches_bnb_spanning_blocks():
-    weight, dense = make_nf4(N, K, dtype=torch.bfloat16)
-    got = dequantize_nf4_reference(weight.packed, weight.absmax_f32(), weight.code, (N, K), BS, torch.bfloat16)
-    assert torch.equal(got, dense)
 
 
 # --------------------------------------------------------------------------- Triton (interpreter on CPU)

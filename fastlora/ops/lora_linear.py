@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..backend import Backend, select
 
-__all__ = ["lora_linear", "lora_linear_reference", "dequantize_nf4_reference", "GEMV_MAX_M"]
+__all__ = ["lora_linear", "lora_linear_reference", "GEMV_MAX_M"]
 
 # Largest row count served by the CUDA decode GEMV; above it the Triton GEMM wins
 # because the weight tile is reused across rows.
@@ -49,28 +49,6 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------
 # Reference: the spec. Pure torch, any device, any float dtype.
 # ---------------------------------------------------------------------------------------
-
-
-def dequantize_nf4_reference(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    shape: tuple[int, int],
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Dense ``shape`` tensor in ``dtype`` from bitsandbytes NF4 storage.
-
-    ``packed`` holds element 2i in the high nibble of byte i, flat row-major; block b
-    covers flat elements ``[b·blocksize, (b+1)·blocksize)`` (it may span rows);
-    ``absmax`` is the decoded fp32 scale per block. ``value = code[nib]·absmax`` in fp32,
-    then one round-to-nearest-even cast, as every bitsandbytes backend does.
-    """
-    n = shape[0] * shape[1]
-    flat = packed.reshape(-1)
-    nib = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()  # (n,)
-    scale = absmax.float().repeat_interleave(blocksize)[:n]  # (n,)
-    return (code.float()[nib] * scale).to(dtype).reshape(shape)
 
 
 def lora_linear_reference(
@@ -109,26 +87,13 @@ def _apply_dropout(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tenso
 def _dequantize_for(
     packed, absmax, code, shape, blocksize, weight_dtype, out_dtype, backend: Backend
 ) -> torch.Tensor:
-    """Dense W in ``out_dtype`` (via ``weight_dtype``), for the unfused paths."""
-    w = None
-    if backend is Backend.CPP:
-        w = _cpp_dequantize(packed, absmax, code, shape, blocksize, weight_dtype)
-    if w is None:
-        w = dequantize_nf4_reference(packed, absmax, code, shape, blocksize, weight_dtype)
-    return w.to(out_dtype)
+    """Dense W in ``out_dtype`` for the unfused CPU / reference paths: NF4Weight's own
+    dequantize (C++ for CPP, the pure-torch spec for REFERENCE), rounded to the weight's
+    dtype first, as bitsandbytes' ``dequantize_4bit(W).to(x.dtype)``."""
+    from ..nf4 import NF4Weight
 
-
-def _cpp_dequantize(packed, absmax, code, shape, blocksize, dtype):
-    """The C++ dequantizer of ``fastlora.nf4`` when it offers a raw-tensor entry point,
-    else None (the caller then runs the reference: same bits, slower)."""
-    try:
-        from .. import nf4 as _nf4
-    except ImportError:
-        return None
-    fn = getattr(_nf4, "dequantize_raw", None)
-    if fn is None:
-        return None
-    return fn(packed, absmax, code, tuple(shape), blocksize, dtype, backend=Backend.CPP)
+    w = NF4Weight(packed, absmax, shape, weight_dtype, blocksize, code=code)
+    return w.dequantize(weight_dtype, backend=backend).to(out_dtype)
 
 
 @torch.library.custom_op("fastlora::nf4_linear_fwd", mutates_args=())
@@ -244,9 +209,10 @@ class _NF4Storage:
     __slots__ = ("packed", "absmax", "code", "shape", "blocksize", "dtype")
 
     def __init__(self, w):
-        self.packed = w.packed
-        self.absmax = w.absmax_f32()
-        self.code = w.code
+        # the kernels index these flat: make sure they are (no-ops for bnb's storage)
+        self.packed = w.packed.contiguous()
+        self.absmax = w.absmax_f32().contiguous()
+        self.code = w.code.contiguous()
         self.shape = (int(w.shape[0]), int(w.shape[1]))
         self.blocksize = int(w.blocksize)
         self.dtype = w.dtype
@@ -414,7 +380,7 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, dropout):
 def _check_nf4(st: _NF4Storage, x: torch.Tensor):
     N, K = st.shape
     n = N * K
-    if st.packed.dtype != torch.uint8 or st.packed.numel() != (n + 1) // 2:
+    if st.packed.dtype != torch.uint8 or st.packed.numel() < (n + 1) // 2:
         raise ValueError(
             f"NF4 weight of shape {_fmt(st.shape)} needs {(n + 1) // 2} packed uint8 bytes, "
             f"got packed of shape {_fmt(st.packed.shape)} and dtype {st.packed.dtype}"
