@@ -146,63 +146,85 @@ def ce_rows_torch(
     grad_out=None,
     want_entropy=False,
     want_argmax=False,
+    scratch=False,
 ):
     """Cross-entropy of a block of rows, the pure-torch row kernel.
 
     y: (c, V) raw logits (any float dtype), labels: (c,) int. x = softcap(scale*y)*inv_temp.
-    Returns (loss (c,), lse (c,), entropy (c,) or None, argmax (c,) or None) in the
-    compute dtype. With ``g_loss`` (c,) given, writes dLoss/dy (each row's loss
-    weighted by g_loss, plus g_ent times the entropy gradient when given) into
-    ``grad_out`` (c, V), which may be ``y`` itself. ``lse`` (and ``ent`` for the
-    entropy gradient) may be passed in when known, to skip recomputing them.
+    Forward (``lse`` None): returns (loss (c,), lse (c,), entropy (c,) or None, argmax
+    (c,) or None) in the compute dtype. Backward (``lse`` given, and ``ent`` when
+    ``g_ent`` is): the loss is not recomputed and comes back as None.
+    With ``g_loss`` (c,) given, writes dLoss/dy (each row's loss weighted by g_loss,
+    plus g_ent times the entropy gradient when given) into ``grad_out`` (c, V), which
+    may be ``y`` itself. ``scratch=True`` lets the kernel use y as its work buffer
+    (when y already has the compute dtype), saving a (c, V) copy: only for buffers
+    the caller owns, such as a logits chunk.
+
+    The passes are arranged to touch each (c, V) element as few times as possible:
+    x - shift and exp are done in place, and p = exp(x - m) / s becomes the gradient.
     """
     cdt = _compute_dtype(y.dtype)
-    x = y.to(cdt) * scale if scale != 1.0 else y.to(cdt, copy=True)  # never alias y
+    x = y if (scratch and y.dtype == cdt) else y.to(cdt, copy=True)
+    if scale != 1.0:
+        x.mul_(scale)
     t = None
     if softcap is not None:
-        t = torch.tanh(x.div_(softcap))
-        x = torch.mul(t, softcap, out=x)
+        x.div_(softcap).tanh_()
+        if g_loss is not None:
+            t = x.clone()  # tanh, for the softcap derivative 1 - tanh**2
+        x.mul_(softcap)
     if inv_temp != 1.0:
         x.mul_(inv_temp)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    if lse is None:
-        lse = torch.logsumexp(x, dim=-1)
-    x_t = x.gather(1, safe[:, None]).squeeze(1)
-    loss = lse - x_t
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - x.mean(-1))
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    argmax = x.argmax(-1) if want_argmax else None
-    p = None
-    entropy = None
-    if want_entropy or (g_ent is not None and ent is None):
-        p = torch.exp(x - lse[:, None])
-        entropy = lse - (p * x).sum(-1)
+    forward = lse is None
+    loss = argmax = entropy = None
+    if forward:
+        x_t = x.gather(1, safe[:, None]).squeeze(1)
+        sum_x = x.sum(-1) if label_smoothing else None
+        argmax = x.argmax(-1) if want_argmax else None
+        shift = x.amax(-1)
+    else:
+        shift = lse.to(cdt)
+    x.sub_(shift[:, None])  # x - shift, in place
+    need_xs = want_entropy or g_ent is not None
+    p = torch.exp(x) if need_xs else x.exp_()
+    if forward:
+        s = p.sum(-1)
+        lse = shift + torch.log(s)
+        p.div_(s[:, None])
+        loss = lse - x_t
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_x / x.shape[-1])
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if need_xs and (ent is None or want_entropy):
+        # H = lse - E_p[x], with E_p[x] = E_p[x - shift] + shift
+        entropy = lse - ((p * x).sum(-1) + shift)
         if ent is None:
             ent = entropy
     if g_loss is not None:
         V = x.shape[-1]
-        if p is None:
-            p = torch.exp(x - lse[:, None])
         g = torch.where(valid, g_loss.to(cdt), torch.zeros((), dtype=cdt, device=x.device))
-        d = p * (g * (1 + 2 * z_loss * lse))[:, None]
+        e_term = None
+        if g_ent is not None:
+            # dH/dx_k = -p_k (x_k - E[x]); x_k - E[x] = (x_k - shift) + shift - lse + H
+            e_term = p * (x + (shift - lse + ent)[:, None]) * g_ent.to(cdt)[:, None]
+        d = p.mul_((g * (1 + 2 * z_loss * lse))[:, None])
         if label_smoothing:
             d.sub_((g * (label_smoothing / V))[:, None])
         d.scatter_add_(1, safe[:, None], -(g * (1 - label_smoothing))[:, None])
-        if g_ent is not None:
-            # dH/dx_k = -p_k (x_k - E[x]), with E[x] = lse - H
-            ex = lse - ent
-            d.addcmul_(p, (x - ex[:, None]) * g_ent.to(cdt)[:, None], value=-1)
+        if e_term is not None:
+            d.sub_(e_term)
         if inv_temp != 1.0:
             d.mul_(inv_temp)
         if t is not None:
-            d.mul_(1 - t * t)
+            d.mul_(t.mul_(t).neg_().add_(1))
         if scale != 1.0:
             d.mul_(scale)
-        grad_out.copy_(d)
+        if grad_out.data_ptr() != d.data_ptr() or grad_out.dtype != d.dtype:
+            grad_out.copy_(d)
     return loss, lse, entropy, argmax
 
 
@@ -221,6 +243,7 @@ def ce_rows(backend: Backend, y, labels, **kw):
     """Dispatch the row kernel: Triton kernel or the torch one, chunked over rows so
     the fp32 temporaries of the torch kernel stay O(chunk)."""
     if backend is Backend.TRITON:
+        kw.pop("scratch", None)
         return _triton_ce_rows()(y, labels, **kw)
     n, V = y.shape
     step = _rows_per_chunk(V)
@@ -236,7 +259,7 @@ def ce_rows(backend: Backend, y, labels, **kw):
         if kws.get("grad_out") is not None:
             kws["grad_out"] = kws["grad_out"][sl]
         outs.append(ce_rows_torch(y[sl], labels[sl], **kws))
-    return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
+    return tuple(None if any(t is None for t in o) else torch.cat(o) for o in zip(*outs))
 
 
 def _backend_for(op: str, t: torch.Tensor, backend) -> Backend:

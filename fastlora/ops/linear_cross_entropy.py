@@ -86,9 +86,11 @@ def default_chunk_rows(vocab: int, device: torch.device) -> int:
         from ..kernels.linear_cross_entropy_triton import default_chunk_rows as cuda_rows
 
         return cuda_rows(vocab)
-    # CPU: ~8M fp32 elements per chunk buffer; GEMMs of a few hundred rows already run
-    # near peak here and the buffer stays in the tens of MB.
-    return max(16, (1 << 23) // max(vocab, 1))
+    # CPU: ~32M elements per chunk buffer (128 MB in fp32). Each chunk re-reads and
+    # re-writes the whole fp32 (V, H) weight-gradient accumulator, so small chunks turn
+    # that GEMM memory-bound: 512-row chunks measured ~1.5x faster than 170-row ones
+    # at V=49152, H=576 on this project's CPU.
+    return max(16, (1 << 25) // max(vocab, 1))
 
 
 def _acc_mm_(acc, a, b):
@@ -162,7 +164,7 @@ def chunk_loop(
             g_ent=None if g_ent is None else g_ent[sl],
             ent=None if ent is None else ent[sl],
             grad_out=y if grads else None,
-            want_entropy=want_entropy, want_argmax=want_argmax,
+            want_entropy=want_entropy, want_argmax=want_argmax, scratch=True,
         )
         if lse is None:  # forward (backward kernels may not return the loss)
             loss[sl] = out[0]
