@@ -7,6 +7,7 @@ and the name is not a local path. Nothing here forces a network call.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -24,6 +25,28 @@ DEFAULT_LORA = dict(
 def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "org/name"; anything else with a separator is a path.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _gguf_to_safetensors(name: str, gguf: str, out_dir: str, kwargs: dict) -> None:
+    """transformers dequantizes a GGUF file on load but will not 4-bit-quantize it in
+    the same call: write the dequantized weights to ``out_dir`` and load them from there."""
+    from transformers import AutoModelForCausalLM
+
+    dense_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "dtype")}
+    gguf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **dense_kwargs)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # else transformers reads it as GGUF again
+        del config.quantization_config
+    # transformers will not save a model loaded from GGUF: copy it into a plain one.
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = dense.load_state_dict(gguf_model.state_dict(), strict=False)
+    tied = {k for k in missing if k.startswith("lm_head")} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"fastlora.load: GGUF {gguf!r} does not match its config: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    dense.save_pretrained(out_dir)
 
 
 def load(
@@ -61,6 +84,17 @@ def load(
     if gguf is not None and os.path.isdir(name) and not os.path.exists(os.path.join(name, gguf)):
         raise FileNotFoundError(f"fastlora.load: gguf_file {gguf!r} not found in {name!r}")
 
+    cfg = None
+    if lora is not False:
+        from peft import LoraConfig
+
+        if lora is None or isinstance(lora, dict):
+            cfg = LoraConfig(**{**DEFAULT_LORA, **(lora or {})})
+        elif isinstance(lora, LoraConfig):
+            cfg = lora
+        else:
+            raise TypeError(f"fastlora.load: lora must be a LoraConfig, a dict or False, got {type(lora).__name__}")
+
     on_gpu = torch.cuda.is_available()
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -75,7 +109,13 @@ def load(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(name, device_map=device_map, **kwargs)
+    if gguf is not None and load_in_4bit:
+        with tempfile.TemporaryDirectory(prefix="fastlora-gguf-") as tmp:
+            _gguf_to_safetensors(name, gguf, tmp, kwargs)
+            rest = {k: v for k, v in kwargs.items() if k != "gguf_file"}
+            model = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map, **rest)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, device_map=device_map, **kwargs)
     tok = None
     if tokenizer:
         tok_kwargs = {"gguf_file": gguf} if gguf is not None else {}
@@ -85,14 +125,8 @@ def load(
 
     protect_bnb_weights(model)  # before anything can run it in eval mode
     if lora is not False:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        if lora is None or isinstance(lora, dict):
-            cfg = LoraConfig(**{**DEFAULT_LORA, **(lora or {})})
-        elif isinstance(lora, LoraConfig):
-            cfg = lora
-        else:
-            raise TypeError(f"fastlora.load: lora must be a LoraConfig, a dict or False, got {type(lora).__name__}")
         model = get_peft_model(model, cfg)
     report = None
     if patch:

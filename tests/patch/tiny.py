@@ -103,9 +103,10 @@ def batch(seed: int = 0, B: int = 2, T: int = 12, masked: bool = True):
     labels = ids.clone()
     if masked:
         labels[0, :4] = -100  # a prompt that is not trained on
-        labels[1, -3:] = -100  # right padding
     attn = torch.ones_like(ids)
-    attn[1, -3:] = 0
+    if masked and B > 1:
+        labels[1, -3:] = -100  # right padding
+        attn[1, -3:] = 0
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
