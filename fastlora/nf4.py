@@ -273,7 +273,7 @@ def _nf4_quantize_op(weight: torch.Tensor, blocksize: int, backend: str) -> tupl
     if b is Backend.TRITON:
         from .kernels.nf4_triton import nf4_quantize_triton
 
-        nf4_quantize_triton(weight, blocksize, packed, absmax)
+        nf4_quantize_triton(weight, blocksize, _nf4_midpoints(weight.device), packed, absmax)
         return packed, absmax
     if b is Backend.CPP:
         _ext.require("NF4 quantize (cpp)").nf4_quantize_cpu(
@@ -323,7 +323,9 @@ def _select(op: str, device: torch.device, backend, cuda_kernels=(Backend.CUDA, 
     if device.type == "cuda":
         supported = list(cuda_kernels)
     elif device.type == "cpu":
-        supported = [Backend.CPP]
+        # AUTO on CPU picks CPP; TRITON on CPU tensors only runs under Triton's
+        # interpreter (the tests), so it is available only when asked for.
+        supported = [Backend.CPP, Backend.TRITON]
     else:
         supported = []
     return select(op, device, supported, backend)

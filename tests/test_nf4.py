@@ -336,3 +336,114 @@ def test_dequantize_rounding_edges_all_backends_agree(nested):
         expected = formula_dequantize(packed, w.absmax_f32(), bs, shape, out_dtype)
         for backend in CPU_BACKENDS:
             assert_bits_equal(w.dequantize(out_dtype, backend=backend), expected, f"{backend.value} {out_dtype}")
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels (under the interpreter when no GPU is present: small sizes only)
+# ------------------------------------------------------------------------------------------
+TRITON_SHAPES = ((1, 7), (9, 65), (33, 65))
+
+
+@requires_triton
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_bit_exact_with_bnb(dtype, blocksize, double_quant):
+    for shape in TRITON_SHAPES if blocksize > 64 else TRITON_SHAPES[:2]:
+        w, packed, state = bnb_case(dtype, blocksize, double_quant, shape)
+        q = quantize_nf4(w, blocksize, double_quant, backend="triton")
+        assert_matches_bnb(q, packed, state, double_quant, f"triton {shape}")
+        absmax = q.absmax_f32()
+        for out_dtype in DTYPES:
+            expected = formula_dequantize(packed, absmax, blocksize, shape, out_dtype)
+            assert_bits_equal(q.dequantize(out_dtype, backend="triton"), expected, f"triton {shape} {out_dtype}")
+
+
+@requires_triton
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_triton_zero_constant_and_rounding_edges():
+    w = make_weight((4, 96), torch.float16)
+    w[1] = 0
+    w[2] = -0.25
+    w[3, 64:] = 0
+    for dq in (False, True):
+        packed, state = bnb_quantize(w, 32, dq)
+        q = quantize_nf4(w, 32, dq, backend="triton")
+        assert_matches_bnb(q, packed, state, dq, "triton")
+        assert torch.all(q.dequantize(backend="triton")[1] == 0)
+    # fp16 subnormals / overflow and bf16 ties, nested statistics decoded in the kernel.
+    g = torch.Generator().manual_seed(6)
+    shape, bs = (5, 130), 32
+    n, nb = 5 * 130, -(-5 * 130 // 32)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, generator=g)
+    scales = torch.exp2(torch.randint(-40, 21, (nb,), generator=g).float()) * (1 + torch.rand(nb, generator=g))
+    nested = NF4Weight(
+        packed, torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=g), shape, torch.float16, bs,
+        offset=torch.tensor(-0.0371), state2_absmax=scales[:1] * 1e3, state2_code=dynamic_code(),
+    )
+    for wt in (NF4Weight(packed, scales, shape, torch.float16, bs), nested):
+        for out_dtype in DTYPES:
+            expected = formula_dequantize(packed, wt.absmax_f32(), bs, shape, out_dtype)
+            assert_bits_equal(wt.dequantize(out_dtype, backend="triton"), expected, f"triton edges {out_dtype}")
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): every GPU backend against the CPU reference, bit for bit
+# ------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [Backend.CUDA, Backend.TRITON])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", VALID_BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_dequantize_bit_exact(backend, dtype, blocksize, double_quant):
+    for shape in SHAPES + ((1024, 4096 + 64),):
+        w, packed, state = bnb_case(dtype, blocksize, double_quant, shape)
+        q = NF4Weight.from_bnb((packed, state))
+        qc = q.to("cuda")
+        for out_dtype in DTYPES:
+            expected = q.dequantize(out_dtype, backend="reference")
+            out = qc.dequantize(out_dtype, backend=backend)
+            assert out.is_cuda
+            assert_bits_equal(out.cpu(), expected, f"{backend.value} {shape} {out_dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [Backend.CUDA, Backend.TRITON])
+def test_gpu_dequantize_unaligned_views(backend):
+    # Packed bytes that start 1 byte into an allocation, and sizes that are not a multiple
+    # of the CUDA kernel's 16-byte vectors: the scalar paths must give the same bits.
+    g = torch.Generator().manual_seed(8)
+    for n_out, n_in in ((3, 70), (1, 33), (7, 64)):
+        n = n_out * n_in
+        buf = torch.randint(0, 256, ((n + 1) // 2 + 1, 1), dtype=torch.uint8, generator=g)
+        absmax = torch.rand(-(-n // 32), generator=g) + 0.5
+        ref = NF4Weight(buf[1:], absmax, (n_out, n_in), torch.bfloat16, 32)
+        dev = NF4Weight(buf.cuda()[1:], absmax.cuda(), (n_out, n_in), torch.bfloat16, 32)
+        for out_dtype in DTYPES:
+            assert_bits_equal(
+                dev.dequantize(out_dtype, backend=backend).cpu(), ref.dequantize(out_dtype, backend="reference")
+            )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_quantize_triton_matches_cpu(dtype, double_quant):
+    # bitsandbytes' own CUDA nested-statistics quantizer differs from its CPU one; fastlora
+    # follows the CPU one on every device, so the CPU reference is the oracle here.
+    for shape in SHAPES:
+        w = make_weight(shape, dtype)
+        ref = quantize_nf4(w, 64, double_quant, backend="reference")
+        q = quantize_nf4(w.cuda(), 64, double_quant, backend="triton")
+        assert_bits_equal(q.packed.cpu(), ref.packed, f"{shape} packed")
+        if not double_quant:
+            assert_bits_equal(q.absmax.cpu(), ref.absmax, f"{shape} absmax")
+            continue
+        # The offset is torch's CUDA mean (as in bitsandbytes on CUDA), whose summation
+        # order differs from the CPU's: equal up to rounding, and when it is bit-equal the
+        # 8-bit statistics must be too.
+        torch.testing.assert_close(q.offset.cpu(), ref.offset, rtol=1e-6, atol=0)
+        if torch.equal(q.offset.cpu(), ref.offset):
+            assert_bits_equal(q.absmax.cpu(), ref.absmax, f"{shape} nested absmax")
+            assert_bits_equal(q.state2_absmax.cpu(), ref.state2_absmax, f"{shape} state2 absmax")
