@@ -208,3 +208,56 @@ def test_triton_inplace_backward():
 def test_cuda_matches_reference(dtype):
     x, y = _data(257, 50257, dtype=dtype)
     _check(x.cuda(), y.cuda(), label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+
+def test_inplace_backward_refuses_leaf_and_second_backward():
+    x, y = _data(5, 9, dtype=torch.float32)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="leaf"):
+        fastlora.cross_entropy(leaf, y, inplace_backward=True)
+    loss = fastlora.cross_entropy(leaf * 2.0, y, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_non_contiguous_shifted_logits():
+    # the Hugging Face pattern: logits[:, :-1] against labels[:, 1:]
+    x, y = _data(3 * 8, 21, dtype=torch.float32, mask_every=5)
+    x3, y3 = x.reshape(3, 8, 21), y.reshape(3, 8)
+    _check(x3[:, :-1], y3[:, 1:], label_smoothing=0.1)
+
+
+def test_torch_compile_aot_eager():
+    x, y = _data(10, 17, dtype=torch.float32)
+    x = x.requires_grad_()
+    fn = lambda a: fastlora.cross_entropy(a * 1.0, y, z_loss=1e-3)  # noqa: E731
+    out = torch.compile(fn, backend="aot_eager")(x)
+    (g,) = torch.autograd.grad(out, x)
+    x2 = x.detach().double().requires_grad_()
+    exp = ref(x2, y, z_loss=1e-3)
+    exp.backward()
+    assert_close(out, exp)
+    assert_close(g, x2.grad, dtype=torch.float32)
+
+
+@requires_triton
+def test_triton_several_vocab_blocks(monkeypatch):
+    from fastlora.kernels import cross_entropy_triton as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 64)  # V=300: 4 full blocks + a partial one
+    x, y = _data(7, 300, dtype=torch.float32, mag=20.0)
+    _check(x, y, backend=Backend.TRITON, reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=15.0)
+
+
+@requires_triton
+def test_triton_vocab_50257():
+    x, y = _data(3, 50257, dtype=torch.float32, mask_every=0)
+    _check(x, y, backend=Backend.TRITON, label_smoothing=0.1)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_storage(dtype):
+    x, y = _data(6, 129, dtype=dtype)
+    _check(x, y, backend=Backend.TRITON, softcap=5.0)

@@ -253,3 +253,52 @@ def test_cuda_llama3_size_peak_memory_under_fifth_of_eager():
         torch.nn.functional.linear(hid, w).float(), y, ignore_index=-100))
     ours = peak(lambda hid: fastlora.linear_cross_entropy(hid, w, y))
     assert ours <= 0.2 * eager, (ours / 2**30, eager / 2**30)
+
+
+def test_precomputed_grads_survive_retain_graph_and_scale():
+    hid, w, b, y = _data(14, 6, 11)
+    h1 = hid.clone().requires_grad_()
+    loss = fastlora.linear_cross_entropy(h1, w, y, chunk_size=4)
+    (loss * 3.0).backward(retain_graph=True)
+    first = h1.grad.clone()
+    loss.backward()
+    h2 = hid.clone().requires_grad_()
+    ref(h2, w, y).backward()
+    assert_close(first, 3.0 * h2.grad)
+    assert_close(h1.grad, 4.0 * h2.grad)
+
+
+def test_no_grad_forward_computes_no_gradients(monkeypatch):
+    hid, w, b, y = _data(10, 4, 9)
+    calls = []
+    real = lce_mod.chunk_loop
+    monkeypatch.setattr(lce_mod, "chunk_loop", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with torch.no_grad():
+        fastlora.linear_cross_entropy(hid.requires_grad_(), w.requires_grad_(), y)
+    assert not any(calls[0][k] for k in ("need_gh", "need_gw", "need_gb"))
+
+
+def test_torch_compile_aot_eager():
+    hid, w, b, y = _data(12, 8, 30, dtype=torch.float32)
+    h1 = hid.clone().requires_grad_()
+    fn = lambda h: fastlora.linear_cross_entropy(h, w, y, bias=b, chunk_size=5, softcap=3.0)  # noqa: E731
+    out = torch.compile(fn, backend="aot_eager")(h1)
+    out.backward()
+    h2 = hid.double().requires_grad_()
+    exp = ref(h2, w.double(), y, bias=b.double(), softcap=3.0)
+    exp.backward()
+    assert_close(out, exp)
+    assert_close(h1.grad, h2.grad, dtype=torch.float32)
+
+
+@requires_triton
+def test_triton_several_vocab_blocks_with_extras(monkeypatch):
+    from fastlora.kernels import cross_entropy_triton as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 32)  # V=100: 3 full blocks + a partial one
+    hid, w, b, y = _data(9, 8, 100, dtype=torch.float32, wscale=6.0)
+    _check(hid, w, b, y, backend=Backend.TRITON, chunk_size=4, reduction="none", z_loss=1e-3, softcap=5.0)
+    loss, ex = fastlora.linear_cross_entropy(hid, w, y, bias=b, return_extras=True, backend="triton", chunk_size=4)
+    _, rex = ref(hid, w, y, bias=b, return_extras=True)
+    assert_close(ex["accuracy"], rex["accuracy"].double())
+    assert_close(ex["entropy"], rex["entropy"], rtol=1e-5, atol=1e-5)

@@ -142,3 +142,26 @@ def test_cuda_ppo_size_memory_under_tenth_of_log_softmax_gather():
     eager = peak(lambda hid: torch.log_softmax((hid @ w.t()).float(), -1).gather(-1, tok[:, None]))
     ours = peak(lambda hid: fastlora.token_logprobs(hid, w, tok))
     assert ours <= 0.1 * eager, (ours / 2**30, eager / 2**30)
+
+
+@requires_triton
+def test_triton_several_vocab_blocks(monkeypatch):
+    from fastlora.kernels import cross_entropy_triton as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK_V", 32)  # V=90: 2 full blocks + a partial one
+    hid, w, b, tok = _data((7,), 8, 90, dtype=torch.float32, wscale=5.0)
+    _check(hid, w, b, tok, chunk_size=3, temperature=0.7, backend=Backend.TRITON)
+
+
+def test_torch_compile_aot_eager():
+    hid, w, b, tok = _data((9,), 8, 25, dtype=torch.float32)
+    h1 = hid.clone().requires_grad_()
+    fn = lambda h: fastlora.token_logprobs(h, w, tok, temperature=0.7, return_entropy=True)  # noqa: E731
+    lp, ent = torch.compile(fn, backend="aot_eager")(h1)
+    (lp.sum() + ent.sum()).backward()
+    h2 = hid.double().requires_grad_()
+    rlp, rent = ref(h2, w.double(), tok, temperature=0.7, return_entropy=True)
+    (rlp.sum() + rent.sum()).backward()
+    assert_close(lp, rlp)
+    assert_close(ent, rent)
+    assert_close(h1.grad, h2.grad, dtype=torch.float32)

@@ -356,15 +356,23 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, labels, lse)
         ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, backend.value)
         ctx.inplace_backward = inplace_backward
+        ctx.logits_consumed = False
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        if ctx.logits_consumed:  # checked before autograd's own, vaguer, version-counter error
+            raise RuntimeError(
+                "cross_entropy(inplace_backward=True): backward ran twice, but the first "
+                "one overwrote the logits with their gradient; use inplace_backward=False "
+                "with retain_graph=True"
+            )
         logits, labels, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         if ctx.inplace_backward:
+            ctx.logits_consumed = True
             ce_backward_(logits, labels, lse, grad_loss.contiguous(), *ctx.opts)
             grad = logits
         else:
@@ -408,6 +416,11 @@ def cross_entropy(
         )
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "cross_entropy(inplace_backward=True) would write the gradient into a leaf tensor "
+            "the caller owns (its .grad would alias its data); pass the output of a layer"
+        )
     V = logits.shape[-1]
     check_labels(labels, V, ignore_index)
     be = _backend_for("cross_entropy", logits, backend)

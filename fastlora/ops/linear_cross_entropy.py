@@ -302,9 +302,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     ``reduce_sum`` (gradients then computed in forward), else per-row (n,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts, reduce_sum, want_extras, chunk_size, backend):
+    def forward(ctx, hidden, weight, bias, labels, opts, reduce_sum, want_extras, chunk_size, backend, grad_enabled):
         scale, softcap, label_smoothing, z_loss = opts
-        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
+        # needs_input_grad only reflects requires_grad; under no_grad nothing is needed
+        need_gh, need_gw, need_gb = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         ctx.precomputed = reduce_sum and (need_gh or need_gw or need_gb)
         p = ctx.precomputed
         loss, lse, ent, am, gh, gw, gb = linear_ce_forward(
@@ -336,7 +337,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 scale, softcap, inv_temp, eps, zl, chunk, need_gh, need_gw, need_gb, be,
             )
             grads = _cast_grads(ctx, gh, gw, gb, *ctx.dtypes)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- functional
@@ -415,7 +416,7 @@ def linear_cross_entropy(
     loss, ent, am = LinearCrossEntropyFunction.apply(
         h, weight.contiguous(), None if bias is None else bias.contiguous(), t.long(),
         (float(logit_scale), None if softcap is None else float(softcap), float(label_smoothing), float(z_loss)),
-        reduce_sum, bool(return_extras), int(chunk_size or 0), be,
+        reduce_sum, bool(return_extras), int(chunk_size or 0), be, torch.is_grad_enabled(),
     )
 
     def full_rows(per_valid):
