@@ -126,9 +126,13 @@ def load_records(path: str | os.PathLike, *, split: str = "train") -> list[dict]
     return records
 
 
+# Files are read as utf-8-sig: editors and spreadsheets often start them with a byte-order mark,
+# which would otherwise become part of the first column name or a JSON syntax error.
+
+
 def _load_jsonl(p: Path) -> list[dict]:
     records = []
-    with open(p, encoding="utf-8") as f:
+    with open(p, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -143,7 +147,7 @@ def _load_jsonl(p: Path) -> list[dict]:
 
 
 def _load_json(p: Path) -> list[dict]:
-    with open(p, encoding="utf-8") as f:
+    with open(p, encoding="utf-8-sig") as f:
         text = f.read()
     try:
         obj = json.loads(text)
@@ -162,7 +166,7 @@ def _load_json(p: Path) -> list[dict]:
 
 
 def _load_csv(p: Path) -> list[dict]:
-    with open(p, encoding="utf-8", newline="") as f:
+    with open(p, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return []

@@ -60,6 +60,11 @@ def test_load_jsonl_json_csv(tmp_path):
         w.writeheader()
         w.writerows(ROWS)
     assert D.load_records(p) == ROWS
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # a byte-order mark, as spreadsheets write it
+    assert D.load_records(p) == ROWS
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\r\n")
+    assert D.load_records(p) == ROWS[:1]
 
 
 def test_load_saved_dataset_dir(tmp_path):
