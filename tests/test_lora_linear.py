@@ -299,7 +299,7 @@ def _op_args(M=5, k=40, n=24, r=4, device="cpu", dtype=torch.float32, backend="r
     return fwd, bwd
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=requires_triton)])
 def test_opcheck(backend):
     fwd, bwd = _op_args(backend=backend)
     torch.library.opcheck(nf4_linear_fwd, fwd)

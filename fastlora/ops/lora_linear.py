@@ -185,12 +185,13 @@ def _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias):
         return y
     x = x if x.stride(1) == 1 else x.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    ext.nf4_gemv(
-        x.data_ptr(), x.stride(0), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
-        0 if b is None else b.data_ptr(), y.data_ptr(),
-        M, N, K, blocksize, _GEMV_DTYPE[x.dtype], _GEMV_DTYPE[weight_dtype],
-        torch.cuda.current_stream(x.device).cuda_stream,
-    )
+    with torch.cuda.device(x.device):  # the launch goes to the current device
+        ext.nf4_gemv(
+            x.data_ptr(), x.stride(0), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+            0 if b is None else b.data_ptr(), y.data_ptr(),
+            M, N, K, blocksize, _GEMV_DTYPE[x.dtype], _GEMV_DTYPE[weight_dtype],
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )
     return y
 
 
@@ -221,7 +222,17 @@ class _NF4Storage:
 class LoRALinearFunction(torch.autograd.Function):
     """Inputs: x2d ``(M, K)``, the weight's tensors, A ``(r, K)``, B ``(N, r)``, bias
     ``(N,)`` or None. The weight is either dense (``dense``) or NF4 (``packed``,
-    ``absmax``, ``code`` with ``meta``)."""
+    ``absmax``, ``code`` with ``meta``).
+
+    With ``xd = dropout(x) = x⊙m/(1-p)``, ``xa = xd·Aᵀ`` and
+    ``y = x·Wᵀ + s·xa·Bᵀ + b``, for upstream ``dy``:
+
+        dB    = s·dyᵀ·xa                  (N, r)
+        dxa   = s·dy·B                    (M, r)   rank-r first: never forms B·A
+        dA    = dxaᵀ·xd                   (r, K)
+        dx    = dy·W + (dxa·A)⊙m/(1-p)    (M, K)   W decoded again, never saved
+        dbias = Σ_rows dy                 (N,)
+    """
 
     @staticmethod
     def forward(ctx, x, dense, packed, absmax, code, lora_A, lora_B, bias, meta):
