@@ -10,8 +10,9 @@ including lm_head; the embedding lookup does no FLOPs; the frozen base has no we
 gradient) + 6·r·(in+out)·T per LoRA layer + 6·s·d·T per layer for causal attention
 (forward 2·s·d per token on average, backward twice that).
 
-The Liger provider runs LAST: ``apply_liger_kernel_to_llama`` also patches transformers
-functions process-wide, and there is no unpatch.
+The Liger provider runs LAST, and ``fastlora bench`` runs this file after the others:
+``apply_liger_kernel_to_llama`` also patches transformers' Llama module process-wide
+(rotary embedding, RMSNorm and MLP classes), and there is no unpatch.
 """
 from __future__ import annotations
 
@@ -133,7 +134,11 @@ def _provider(env: H.Env, name: str, qm: Mo.QLoRAModel) -> H.Provider:
                 state["done"] = True
             return build(ids)
 
-        return H.Provider(name, "liger-kernel", build_liger)
+        def forget_model():
+            if state:  # this model (and transformers' Llama classes) now run Liger's code
+                Mo.forget()
+
+        return H.Provider(name, "liger-kernel", build_liger, cleanup=forget_model)
     if name == "unsloth":
         def build_unsloth(ids):
             H.require_module("unsloth")

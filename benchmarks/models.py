@@ -91,6 +91,11 @@ def qlora_model(env: H.Env, shape: H.TrainShape) -> QLoRAModel:
     return qm
 
 
+def forget() -> None:
+    """Drop the cached model (after a peer patched it beyond repair)."""
+    _MODEL.clear()
+
+
 def restore_lora(qm: QLoRAModel) -> None:
     params = dict(qm.model.named_parameters())
     with torch.no_grad():

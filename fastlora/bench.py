@@ -37,6 +37,9 @@ from typing import Iterable, Sequence
 __all__ = ["run", "main", "AREAS", "PRESETS", "find_suite", "write_results"]
 
 AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation")
+# the order the suite runs in: the training step last, because its Liger provider
+# patches transformers process-wide and cannot be undone
+_RUN_ORDER = ("nf4", "lora_linear", "cross_entropy", "generation", "train_step")
 PRESETS = ("tiny", "llama3-8b")
 _VERSIONS = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel",
              "cut-cross-entropy", "unsloth", "pytest", "pytest-benchmark", "fastlora")
@@ -58,13 +61,13 @@ def find_suite() -> Path:
 
 def _areas(only) -> list[str]:
     if only is None:
-        return list(AREAS)
+        return list(_RUN_ORDER)
     items = [only] if isinstance(only, str) else list(only)
     areas = [a.strip() for item in items for a in str(item).split(",") if a.strip()]
     bad = [a for a in areas if a not in AREAS]
     if bad or not areas:
         raise ValueError(f"--only {','.join(map(str, items))!s}: unknown area {bad or items}; choose from {list(AREAS)}")
-    return areas
+    return [a for a in _RUN_ORDER if a in areas]
 
 
 def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence[str] = ()) -> int:

@@ -86,6 +86,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown area"):
         bench.run(preset="tiny", only="nf5")
     assert bench._areas("nf4,train_step") == ["nf4", "train_step"]
+    # the training step runs last: Liger's patch there cannot be undone
+    assert bench._areas(["train_step", "generation"]) == ["generation", "train_step"]
 
 
 def _row(area, case, provider, family, t, mem):
