@@ -110,6 +110,14 @@ def test_nf4_fp32_cpu(backend, M, bias):
     check(x, weight, dense, A, B, b, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_nf4_bf16_cpu(backend):
+    # the SFT default on this project's CPUs: bf16 weights and activations, fp32 LoRA
+    weight, dense = make_nf4(N, K, dtype=torch.bfloat16)
+    x, A, B, b = make_inputs((33,), torch.bfloat16, lora_dtype=torch.float32)
+    check(x, weight, dense, A, B, b, backend=backend, dtype=torch.bfloat16)
+
+
 def test_nf4_contract_without_nf4weight():
     # any object with the NF4Weight fields works (plain fp32 statistics here)
     weight, dense = make_nf4(N, K, wrap="raw")
