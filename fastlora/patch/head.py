@@ -71,7 +71,7 @@ def head_weights(lm: nn.Module, training: bool) -> tuple[torch.Tensor | None, to
     A LoRA adapter on the head is folded exactly as W + s·B·A (the adapter's gradient
     flows through the fold); its dropout cannot be folded, so p > 0 in training is refused.
     """
-    head = lm.get_output_embeddings()
+    head = _unwrap_modules_to_save(lm.get_output_embeddings())
     if head is None:
         return None, None, "the model has no output embeddings"
     if type(head) is nn.Linear:
@@ -99,6 +99,18 @@ def head_weights(lm: nn.Module, training: bool) -> tuple[torch.Tensor | None, to
             w = w + (head.scaling[a] * (B.to(w.dtype) @ A.to(w.dtype)))  # (V, H)
         return w, base.bias, None
     return None, None, f"lm_head type {type(head).__module__}.{type(head).__name__} is not fused"
+
+
+def _unwrap_modules_to_save(head):
+    """The module a PEFT ``modules_to_save`` wrapper would run now (PEFT's own rule)."""
+    other = sys.modules.get("peft.utils.other")
+    wrapper = getattr(other, "ModulesToSaveWrapper", None)
+    if wrapper is None or type(head) is not wrapper:
+        return head
+    active = list(head.active_adapters)
+    if head.disable_adapters or not active or any(a not in head.modules_to_save for a in active):
+        return head.original_module
+    return head.modules_to_save[active[0]]
 
 
 def _loss_reason(lm: nn.Module) -> str | None:

@@ -459,3 +459,75 @@ def test_callable_package_name():
     report = pkg(nn.Sequential(nn.Linear(4, 4)))
     assert isinstance(report, PatchReport) and not report.patched
     assert "no transformers *ForCausalLM module found" in str(report)
+
+
+def test_lm_head_in_modules_to_save(saved_models):
+    path = saved_models("llama")
+    kw = dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    ref, pat = tiny.load_qlora(path, **kw), tiny.load_qlora(path, **kw)
+    for m in (ref, pat):  # make the trained copy differ from the original head
+        with torch.no_grad():
+            m.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    assert fastlora.patch(pat).ok
+    b = tiny.batch()
+    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-4, atol=0)
+    assert any("modules_to_save" in n for n in tiny.lora_grads(pat))
+    assert_grads_match(ref, pat)
+    with ref.disable_adapter(), pat.disable_adapter():
+        assert_close(pat(**b).loss, ref(**b).loss, rtol=1e-4, atol=0)
+
+
+def test_fp4_base_falls_back():
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    block = _quantized_block()
+    lin = nn.Linear(128, 384)
+    fp4 = bnb.nn.Linear4bit(128, 384, compute_dtype=torch.float32, quant_type="fp4")
+    fp4.load_state_dict(lin.state_dict())
+    block.qkv_proj = fp4.to("cpu")
+    model = get_peft_model(block, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"]))
+    report = fastlora.patch(model)
+    assert report.patched["lora/bnb-nf4"] == 1
+    assert len(report.fallbacks) == 1 and "'fp4'" in report.fallbacks[0].reason
+
+
+def test_unquantized_base_layers(saved_models):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = saved_models("qwen2")
+    models = []
+    for _ in range(2):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(1)
+        models.append(get_peft_model(m, tiny.lora_config()))
+    ref, pat = models
+    report = fastlora.patch(pat)
+    assert report.ok and report.patched["lora/linear"] == 7 * tiny.LAYERS
+    b = tiny.batch()
+    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-4, atol=0)
+    assert_grads_match(ref, pat)
+
+
+def test_bf16_model_with_fp32_adapters(saved_models):
+    """The usual GPU setup in bf16: PEFT keeps adapters in fp32 and so does the patch."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = saved_models("llama")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    models = []
+    for _ in range(2):
+        m = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})
+        protect_bnb_weights(m)
+        torch.manual_seed(1)
+        models.append(get_peft_model(m, tiny.lora_config()))
+    ref, pat = models
+    assert {p.dtype for n, p in pat.named_parameters() if p.requires_grad} == {torch.float32}
+    assert fastlora.patch(pat).ok
+    b = tiny.batch()
+    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-2, atol=0)
+    assert_grads_match(ref, pat, tol=3e-2)  # bf16 rounding (measured 1.3e-2 worst)
