@@ -478,3 +478,19 @@ def test_template_that_trims_content(tiny_tok):
                   trimming, "messages", max_length=64)
     assert pieces(trimming, ex) == [("<|user|>", False), ("hi", False), ("</s>", False),
                                     ("<|assistant|>", False), ("ok", True), ("</s>", True)]
+
+
+def test_messages_truncation_keeps_earlier_turns(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"},
+            {"role": "assistant", "content": "sure thing"}]
+    full = D.encode({"messages": msgs}, tok, "messages", max_length=512)
+    ex = D.encode({"messages": msgs}, tok, "messages", max_length=32)  # cuts "sure thing" after "ure"
+    assert ex["input_ids"] == full["input_ids"][:32] and ex["labels"] == full["labels"][:32]
+    assert pieces(tok, ex)[-3:] == [("Ċ", False), ("s", True), ("ure", True)]
+    # cut before the first answer: nothing trained is left
+    assert D.encode({"messages": msgs}, tok, "messages", max_length=17) is None
+    examples, stats = D.prepare([{"messages": msgs}, {"messages": msgs[:2]}, {"messages": msgs[:3]}], tok,
+                                max_length=18)
+    assert (stats.total, stats.kept, stats.truncated, stats.dropped_empty) == (3, 2, 2, 1)
+    assert [sum(lab != IGNORE_INDEX for lab in e["labels"]) for e in examples] == [1, 1]  # just "ok"
