@@ -7,6 +7,7 @@ check, and each skipped provider with its reason. ``fastlora.bench.run`` passes 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -26,6 +27,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default="auto", choices=["auto", "cpu", "cuda"],
                 help="device to benchmark on (auto: cuda when present)")
     g.addoption("--bench-report", default=None, help="write checks, skips and ceilings to this JSON file")
+    g.addoption("--bench-rounds", type=int, default=None,
+                help="timed rounds per op benchmark (default: the preset's); more rounds steady a busy CPU")
 
 
 def pytest_configure(config):
@@ -45,6 +48,11 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def env(pytestconfig) -> harness.Env:
     preset = harness.PRESETS[pytestconfig.getoption("--preset")]
+    rounds = pytestconfig.getoption("--bench-rounds")
+    if rounds is not None:
+        if rounds < 1:
+            raise pytest.UsageError(f"--bench-rounds must be at least 1, got {rounds}")
+        preset = dataclasses.replace(preset, rounds=rounds)
     dev = pytestconfig.getoption("--bench-device")
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +65,16 @@ def env(pytestconfig) -> harness.Env:
         cache_bytes=harness.last_level_cache_bytes(device),
     )
     _SESSION["env"] = e
+    _SESSION["load_start"] = _loadavg()
     return e
+
+
+def _loadavg():
+    """1-minute load average: context for CPU timings on a shared machine."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 _SESSION: dict = {}
@@ -90,6 +107,9 @@ def pytest_sessionfinish(session, exitstatus):
         "skipped": _SKIPPED,
         "failed": _FAILED,
         "exitstatus": int(exitstatus),
+        "rounds": e.preset.rounds if e else None,
+        "loadavg_1min": {"start": _SESSION.get("load_start"), "end": _loadavg()},
+        "cpu_count": os.cpu_count(),
     }
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-report-", suffix=".json")

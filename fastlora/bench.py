@@ -185,6 +185,9 @@ def write_results(bench: dict, report: dict, *, preset: str, areas: Iterable[str
         "git": _git(root),
         "command": command,
         "exitstatus": report.get("exitstatus"),
+        "rounds": report.get("rounds"),
+        "loadavg_1min": report.get("loadavg_1min"),
+        "cpu_count": report.get("cpu_count"),
         "checks": report.get("checks", []),
         "skipped": report.get("skipped", []),
         "failed": report.get("failed", []),
@@ -301,7 +304,13 @@ def markdown(bench: dict) -> str:
         f"TFLOP/s (n={ceil.get('matmul_n')})",
         f"- equal-result checks: {n_ok} passed, {len(checks) - n_ok} failed; a provider is timed only after "
         "its check passed",
-        f"- pytest exit status: {m.get('exitstatus')}",
+        f"- pytest exit status: {m.get('exitstatus')}; timed rounds per op: {m.get('rounds')}",
+    ]
+    load = m.get("loadavg_1min") or {}
+    if m.get("device_type") == "cpu" and load.get("start") is not None:
+        out.append(f"- 1-minute load average at start / end: {load.get('start')} / {load.get('end')} on "
+                   f"{m.get('cpu_count')} CPUs (a load above the CPU count means the timings were shared)")
+    out += [
         "",
         "Time is the median after warm-up (CUDA events on GPU, perf_counter on CPU), rotating through "
         "distinct input sets. `vs fastlora` = provider time / fastlora's best time (above 1: fastlora is "
