@@ -96,6 +96,7 @@ def test_record_structure_and_answers(splits):
             assert r["messages"][2]["content"] == H.answer_of(r["label"])
             assert H.parse_answer(r["messages"][2]["content"]) == r["label"]
             assert r["messages"][1]["content"].strip() == r["messages"][1]["content"] != ""
+            assert r["messages"][:2] == H.prompt_messages(r["messages"][1]["content"])
     assert D.detect_format(splits["train"]) == "messages"
     for label in H.CATEGORIES:
         assert label in H.SYSTEM_PROMPT

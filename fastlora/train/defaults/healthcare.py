@@ -314,16 +314,14 @@ def _key(query: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", query.lower()).strip()
 
 
+def prompt_messages(query: str) -> list[dict]:
+    """The chat to send to the model to classify ``query`` (system prompt + the query)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": query}]
+
+
 def record_of(query: str, label: str) -> dict:
     """A chat record for ``query`` answered with ``label``."""
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": query},
-            {"role": "assistant", "content": answer_of(label)},
-        ],
-        "label": label,
-    }
+    return {"messages": prompt_messages(query) + [{"role": "assistant", "content": answer_of(label)}], "label": label}
 
 
 def generate(seed: int = 0, n: int = 2400) -> dict[str, list[dict]]:
