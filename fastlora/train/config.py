@@ -60,7 +60,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 0  # 0 = run `epochs` epochs
+    max_steps: int | None = None  # None = 60 for the embedded task, else `epochs` epochs; 0 = `epochs` epochs
     epochs: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -68,10 +68,10 @@ class SFTConfig:
     # --- evaluation ---
     eval_every: int = 0  # steps; 0 = only at the end
     eval_metric: str = "auto"  # early-stopping metric: auto = accuracy when a task metric exists, else loss
-    eval_max_examples: int = 0  # 0 = all
+    eval_max_examples: int = 100  # held-out examples for eval loss / accuracy; 0 = all
     test_max_examples: int = 0  # 0 = all
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     max_new_tokens: int = 12
     measure_forgetting: bool = True
 
@@ -103,7 +103,9 @@ class SFTConfig:
                      "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience",
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        for name in ("warmup_steps", "eval_every", "save_every", "early_stopping_patience",
                      "eval_max_examples", "test_max_examples", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -115,7 +117,7 @@ class SFTConfig:
             raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
         if not 0.0 <= self.general_mix < 1.0:
             raise ValueError(f"general_mix must be in [0, 1), got {self.general_mix}")
-        if self.max_steps == 0 and self.epochs <= 0:
+        if not self.max_steps and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")

@@ -79,11 +79,6 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, model: str |
     (``base_model_name_or_path`` in adapter_config.json). The base is loaded 4-bit NF4
     exactly as for training and merged into its dequantized weights (see the module
     docstring). ``output`` is written atomically and must not hold anything already."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
-
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.is_file() or not (adapter / "adapter_model.safetensors").is_file():
@@ -101,6 +96,12 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, model: str |
         if not base_name:
             raise ValueError(f"{cfg_file} names no base model; pass --model")
         model = base_name
+    # Heavy imports only once the arguments checked out.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+
     model_path = resolve_model_path(model, cache_dir)
 
     dev = resolve_device(device)

@@ -83,11 +83,12 @@ def test_bench_delegates(monkeypatch):
 def test_sft_through_the_cli(tiny_model_dir, chat_jsonl, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["sft", "--model", str(tiny_model_dir), "--data", str(chat_jsonl), "--output-dir", str(out),
-            "--max-steps", "2", "--batch-size", "4", "--no-measure-forgetting", "--no-progress", "--no-patch",
+            "--max-steps", "2", "--batch-size", "4", "--no-measure-forgetting", "--no-progress", "--patch",
             "--lora-r", "2", "--max-length", "64"]
     assert cli.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["patched"] is False
+    assert summary["steps"] == 2 and summary["patched"] is True
+    assert summary["patch_report"]["patched"]  # fastlora.patch ran on the trained model
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["lora_r"] == 2
     # Running again into the same dir is refused with a clear message.
