@@ -252,6 +252,8 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
     if not (keep is None or (isinstance(keep, int) and keep == 0)):
         return st.original(*args, **kwargs)
     if arguments.get("output_router_logits"):
+        warn_once("head-runtime:router", "fastlora: output_router_logits=True: the MoE auxiliary "
+                  "loss needs the original forward, which materializes the logits")
         return st.original(*args, **kwargs)
     why = _loss_reason(self)
     w, b, why2 = head_weights(self, training=True) if why is None else (None, None, why)
@@ -297,7 +299,9 @@ def causal_lm_loss(
     if shift_labels is None:
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:]
-    h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    # With a multi-device device_map the head may live elsewhere (accelerate's hook on
+    # lm_head would move the input there in the original forward).
+    h = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)  # (B*T, H)
     y = shift_labels.reshape(-1).to(h.device)  # (B*T,)
     if y.shape[0] != h.shape[0]:
         raise ValueError(

@@ -40,6 +40,8 @@ def test_unpatch_is_bit_exact(saved_models):
     ref.eval(), pat.eval()
     with torch.no_grad():
         assert torch.equal(ref(input_ids=b["input_ids"]).logits, pat(input_ids=b["input_ids"]).logits)
+    again = fastlora.patch(pat)  # unpatched models can be patched again
+    assert again.ok and not again.already_patched and sum(again.patched.values()) == 1 + 7 * tiny.LAYERS
 
 
 def test_patch_twice_is_a_noop_and_only_this_instance_changes(saved_models):
