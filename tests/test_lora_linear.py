@@ -118,6 +118,19 @@ def test_nf4_bf16_cpu(backend):
     check(x, weight, dense, A, B, b, backend=backend, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_frozen_x_and_empty_batch(backend):
+    # the first LoRA layer after frozen embeddings gets an x without grad: no dx at all
+    weight, dense = make_nf4(N, K)
+    x, A, B, b = make_inputs((4,), torch.float32)
+    check(x.detach(), weight, dense, A, B, b, backend=backend)
+    x0 = torch.zeros(2, 0, K, requires_grad=True)
+    y = lora_linear(x0, weight, A, B, 0.5, b, 0.1, backend=backend)
+    assert y.shape == (2, 0, N)
+    y.sum().backward()
+    assert x0.grad.shape == x0.shape
+
+
 def test_nf4_contract_without_nf4weight():
     # any object with the NF4Weight fields works (plain fp32 statistics here)
     weight, dense = make_nf4(N, K, wrap="raw")
