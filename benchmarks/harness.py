@@ -10,8 +10,9 @@ Contract of one benchmark (one pytest test = one case x one provider):
 3. it is timed with ``benchmark.pedantic`` rotating through the ring: CUDA-event
    timings on GPU (the authoritative figure, pytest-benchmark's own wall times include
    a synchronize), ``perf_counter`` on CPU; the median after warm-up is the result;
-4. peak memory of one more call: ``torch.cuda.max_memory_allocated`` on GPU, RSS
-   sampled by a thread on CPU;
+4. peak memory of one more call: ``torch.cuda.max_memory_allocated`` on GPU; on CPU
+   the heap bytes in use (glibc ``mallinfo2``; RSS where that is missing) sampled by a
+   thread;
 5. throughput and the fraction of the device ceilings measured in the same session go
    into pytest-benchmark's ``extra_info``, where ``fastlora.bench`` reads them.
 
@@ -21,6 +22,8 @@ variables: everything comes from pytest options (see ``conftest.py``).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import importlib
@@ -382,33 +385,65 @@ def check_outputs(case_id: str, provider: str, names: Sequence[str], actual: Seq
 # ----------------------------------------------------------------------------------------
 # Memory
 # ----------------------------------------------------------------------------------------
-class _RssSampler:
-    """Peak RSS of this process while a block runs, sampled every ``interval`` s."""
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (public since glibc 2.33), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+def _heap_in_use() -> int:
+    m = _mallinfo2()()
+    return int(m.uordblks + m.hblkhd)  # malloc'd bytes in use + mmapped chunks
+
+
+class _CpuMemSampler:
+    """Peak CPU memory of this process while a block runs, sampled every ``interval`` s:
+    RSS, and (with glibc) the heap bytes in use. RSS misses an allocation served from
+    memory an earlier call freed; the heap figure does not, so it is the one reported."""
 
     def __init__(self, interval: float = 2e-4):
         import psutil
 
         self._proc = psutil.Process()
         self._interval = interval
-        self.peak = 0
+        self._heap = _mallinfo2() is not None
         self._stop = threading.Event()
 
+    def _read(self):
+        return self._proc.memory_info().rss, (_heap_in_use() if self._heap else 0)
+
     def __enter__(self):
-        self.base = self._proc.memory_info().rss
-        self.peak = self.base
+        self.base_rss, self.base_heap = self._read()
+        self.peak_rss, self.peak_heap = self.base_rss, self.base_heap
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
 
+    def _sample(self):
+        rss, heap = self._read()
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_heap = max(self.peak_heap, heap)
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._sample()
             time.sleep(self._interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._sample()
 
 
 def measure_memory(call: Callable[[], Any], reset: Callable[[], None] | None, device: torch.device) -> dict:
@@ -426,11 +461,16 @@ def measure_memory(call: Callable[[], Any], reset: Callable[[], None] | None, de
         res = {"peak_mem_bytes": int(peak), "peak_mem_over_inputs_bytes": int(peak - base),
                "mem_method": "torch.cuda.max_memory_allocated"}
     else:
-        with _RssSampler() as s:
+        with _CpuMemSampler() as s:
             out = call()
         del out
-        res = {"peak_mem_bytes": int(s.peak), "peak_mem_over_inputs_bytes": int(s.peak - s.base),
-               "mem_method": "RSS sampled every 0.2 ms (allocator reuse hides part of the growth)"}
+        res = {"peak_rss_bytes": int(s.peak_rss), "peak_rss_over_inputs_bytes": int(s.peak_rss - s.base_rss)}
+        if s._heap:
+            res.update(peak_mem_bytes=int(s.peak_heap), peak_mem_over_inputs_bytes=int(s.peak_heap - s.base_heap),
+                       mem_method="glibc heap in use (mallinfo2), sampled every 0.2 ms")
+        else:
+            res.update(peak_mem_bytes=res["peak_rss_bytes"], peak_mem_over_inputs_bytes=res["peak_rss_over_inputs_bytes"],
+                       mem_method="RSS sampled every 0.2 ms (allocator reuse hides part of the growth)")
     if reset is not None:
         reset()
     return res

@@ -314,7 +314,7 @@ def markdown(bench: dict) -> str:
         "",
         "Time is the median after warm-up (CUDA events on GPU, perf_counter on CPU), rotating through "
         "distinct input sets. `vs fastlora` = provider time / fastlora's best time (above 1: fastlora is "
-        "faster). Peak memory: the whole process (RSS) on CPU, `max_memory_allocated` on GPU; "
+        "faster). Peak memory: heap bytes in use (glibc mallinfo2, sampled) on CPU, `max_memory_allocated` on GPU; "
         "'over inputs' subtracts what was allocated before the call.",
         "",
     ]
