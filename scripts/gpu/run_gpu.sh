@@ -93,14 +93,11 @@ if [ "$SANITIZER" = 1 ]; then
   fi
 fi
 
-# 5. benchmarks (the CLI delegates to fastlora.bench.run; call that directly if the CLI lacks it)
+# 5. benchmarks: what `fastlora bench` runs (the CLI delegates to fastlora.bench.run), called
+# as `python -m fastlora.bench` so that its exit status (failed checks) reaches this script
 if [ "$BENCH" = 1 ]; then
   args=(--preset "$PRESET")
   [ -n "$ONLY" ] && args+=(--only "$ONLY")
-  if command -v fastlora > /dev/null && fastlora bench --help > /dev/null 2>&1; then
-    step bench 3600 fastlora bench "${args[@]}"
-  else
-    step bench 3600 "$PY" -m fastlora.bench "${args[@]}"
-  fi
+  step bench 3600 "$PY" -m fastlora.bench "${args[@]}"
 fi
 finish
