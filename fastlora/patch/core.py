@@ -17,6 +17,7 @@ from torch import nn
 
 from ..backend import Backend, backend_info
 from . import _bind, head, lora
+from . import lora as lora_mod  # `patch` has an argument named lora
 from .report import PatchReport
 
 logger = logging.getLogger("fastlora")
@@ -124,9 +125,6 @@ def patch(
     model.__dict__[_REPORT_ATTR] = report
     report.log()
     return report
-
-
-lora_mod = lora  # ``patch`` shadows the module name ``lora`` with its argument
 
 
 def unpatch(model: nn.Module) -> int:

@@ -371,7 +371,6 @@ def test_repack_guard(saved_models):
 
 
 def test_already_repacked_weights_fall_back():
-    import bitsandbytes as bnb
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig, get_peft_model
 
@@ -388,7 +387,6 @@ def test_already_repacked_weights_fall_back():
     assert [f.name.split(".")[-1] for f in report.fallbacks] == ["qkv_proj"]
     assert "packing_format_for_cpu" in report.fallbacks[0].reason
     assert report.patched["lora/bnb-nf4"] == 1
-    del bnb
 
 
 def test_unknown_head_transform_is_detected_and_reported(saved_models):
