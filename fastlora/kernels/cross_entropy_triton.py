@@ -173,14 +173,17 @@ def ce_rows(
         assert ent is not None
     if has_g_ent and not lse_given:
         want_entropy = True  # the entropy gradient needs E_p[x] = lse - ent
-    loss = torch.empty(0 if lse_given else n, dtype=f32, device=dev)
+    # Unused pointer arguments get a real n-element buffer rather than an empty tensor:
+    # an empty CUDA tensor has a null data_ptr, which Triton's launcher rejects.
     lse_t = lse.to(f32).contiguous() if lse_given else torch.empty(n, dtype=f32, device=dev)
+    ph = lse_t  # placeholder
+    loss = ph if lse_given else torch.empty(n, dtype=f32, device=dev)
     if lse_given:
-        ent_t = ent.to(f32).contiguous() if has_g_ent else loss
+        ent_t = ent.to(f32).contiguous() if has_g_ent else ph
     else:
-        ent_t = torch.empty(n, dtype=f32, device=dev) if want_entropy else loss
-    am = torch.empty(n, dtype=torch.int64, device=dev) if want_argmax and not lse_given else loss
-    dummy = lse_t
+        ent_t = torch.empty(n, dtype=f32, device=dev) if want_entropy else ph
+    am = torch.empty(n, dtype=torch.int64, device=dev) if want_argmax and not lse_given else ph
+    dummy = ph
     if n:
         _ce_rows_kernel[(n,)](
             y, labels, loss, lse_t, ent_t, am,
