@@ -5,7 +5,7 @@
 # tests, the whole test suite, compute-sanitizer on a CUDA test, then the llama3-8b
 # benchmarks; the results (and one archive of the logs) are copied to $OUT when it is set.
 #
-#   scripts/gpu/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench]
+#   scripts/gpu/run_gpu.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench]
 #                          [--only AREA[,AREA]] [--preset llama3-8b|tiny] [--python PY]
 #
 # Every step runs even when an earlier one failed; the exit status is the first failure.
@@ -17,16 +17,17 @@ cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 
 PY=python3
-TESTS=1 SANITIZER=1 BENCH=1 ONLY="" PRESET=llama3-8b
+BUILD=1 TESTS=1 SANITIZER=1 BENCH=1 ONLY="" PRESET=llama3-8b
 while [ $# -gt 0 ]; do
   case "$1" in
+    --skip-build) BUILD=0 ;;  # fastlora is already installed from this tree (a warm host)
     --skip-tests) TESTS=0 ;;
     --skip-sanitizer) SANITIZER=0 ;;
     --skip-bench) BENCH=0 ;;
     --only) ONLY="$2"; shift ;;
     --preset) PRESET="$2"; shift ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -72,7 +73,9 @@ else
 fi
 
 # 2. fastlora from source against the host's torch: no isolation (no torch download), no index
-step build 600 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || finish
+if [ "$BUILD" = 1 ]; then
+  step build 600 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || finish
+fi
 step extension 60 "$PY" -c "import fastlora._C as c; assert c.with_cuda, 'fastlora._C was built without CUDA'; print('fastlora._C with CUDA')"
 
 # 3. tests
