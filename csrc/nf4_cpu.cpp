@@ -4,8 +4,8 @@
 //
 // Dequantize is memory-bound: per NF4 block we build a 16-entry table of the already
 // rounded output values (code[k] * absmax, cast with round-to-nearest-even), then expand
-// bytes through it. With SSSE3 the expansion is pshufb byte shuffles: 16 packed bytes
-// become 32 outputs with no float work at all.
+// bytes through it. With SSE4.1 (x86-64-v2) the table is built with vector math and the
+// expansion is pshufb byte shuffles: 16 packed bytes become 32 outputs, no float work.
 //
 // All functions take raw addresses (uintptr_t) and sizes; fastlora/nf4.py validates
 // every argument before it calls here.
@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#if defined(__SSSE3__)
-#include <tmmintrin.h>
+#if defined(__SSE4_1__)
+#include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -124,37 +124,98 @@ inline void expand_scalar(const std::uint8_t* in, std::int64_t nbytes, const T* 
   }
 }
 
-#if defined(__SSSE3__)
-// 16-bit outputs: the table is split into its low and high bytes; pshufb looks both up.
-inline std::int64_t expand16_ssse3(const std::uint8_t* in, std::int64_t nbytes, const std::uint16_t* lut,
-                                   std::uint16_t* out) {
-  alignas(16) std::uint8_t lo[16], hi[16];
-  for (int k = 0; k < 16; ++k) lo[k] = lut[k] & 0xff, hi[k] = lut[k] >> 8;
-  const __m128i tlo = _mm_load_si128(reinterpret_cast<const __m128i*>(lo));
-  const __m128i thi = _mm_load_si128(reinterpret_cast<const __m128i*>(hi));
+#if defined(__SSE4_1__)
+// The SIMD path. Per block, the 16 possible outputs (code[k] * absmax, rounded) are built
+// with vector math and split into byte planes: plane p holds byte p of each of the 16
+// values. Expansion is then pure byte shuffling: pshufb looks each nibble up in every plane
+// and unpacks interleave the planes back into values. A scalar table setup costs several
+// times more than expanding a whole blocksize-64 block (32 bytes), hence the vector setup.
+struct Tables {
+  __m128i plane[4];  // 2 planes for 16-bit outputs, 4 for 32-bit
+};
+
+inline void products(const float* code, float scale, __m128 p[4]) {
+  const __m128 s = _mm_set1_ps(scale);
+  for (int k = 0; k < 4; ++k) p[k] = _mm_mul_ps(_mm_loadu_ps(code + 4 * k), s);
+}
+
+// 16 uint16 values (w0: values 0..7, w1: 8..15) -> low-byte plane and high-byte plane.
+inline void split16(__m128i w0, __m128i w1, Tables& t) {
+  const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  w0 = _mm_shuffle_epi8(w0, even_odd);
+  w1 = _mm_shuffle_epi8(w1, even_odd);
+  t.plane[0] = _mm_unpacklo_epi64(w0, w1);
+  t.plane[1] = _mm_unpackhi_epi64(w0, w1);
+}
+
+inline void tables_bf16(const float* code, float scale, Tables& t) {
+  __m128 p[4];
+  products(code, scale, p);
+  const __m128i one = _mm_set1_epi32(1), bias = _mm_set1_epi32(0x7fff);
+  __m128i h[4];
+  for (int k = 0; k < 4; ++k) {  // round to nearest even, as f32_to_bf16 (values are finite)
+    const __m128i u = _mm_castps_si128(p[k]);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), one);
+    h[k] = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(bias, lsb)), 16);
+  }
+  split16(_mm_packus_epi32(h[0], h[1]), _mm_packus_epi32(h[2], h[3]), t);
+}
+
+// F16C is not in x86-64-v2: used when the CPU has it (checked once at run time).
+__attribute__((target("f16c"))) void tables_f16_f16c(const float* code, float scale, Tables& t) {
+  __m128 p[4];
+  products(code, scale, p);
+  __m128i h[4];
+  for (int k = 0; k < 4; ++k) h[k] = _mm_cvtps_ph(p[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  split16(_mm_unpacklo_epi64(h[0], h[1]), _mm_unpacklo_epi64(h[2], h[3]), t);
+}
+
+inline void tables_f16_scalar(const float* code, float scale, Tables& t) {
+  alignas(16) std::uint16_t v[16];
+  for (int k = 0; k < 16; ++k) v[k] = f32_to_f16(code[k] * scale);
+  split16(_mm_load_si128(reinterpret_cast<const __m128i*>(v)),
+          _mm_load_si128(reinterpret_cast<const __m128i*>(v + 8)), t);
+}
+
+inline void tables_f32(const float* code, float scale, Tables& t) {
+  __m128 p[4];
+  products(code, scale, p);
+  // Per vector: byte 0 of its 4 values, then bytes 1, 2, 3; a 4x4 transpose of 32-bit
+  // lanes then gathers each byte plane across the 16 values, in order.
+  const __m128i planes = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m128 q[4];
+  for (int k = 0; k < 4; ++k) q[k] = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(p[k]), planes));
+  _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
+  for (int k = 0; k < 4; ++k) t.plane[k] = _mm_castps_si128(q[k]);
+}
+
+// 16 packed bytes -> nibble indices of elements 0..15 and 16..31, in element order.
+inline void nibbles(const std::uint8_t* in, __m128i& i0, __m128i& i1) {
   const __m128i mask = _mm_set1_epi8(0x0f);
-  std::int64_t j = 0;
-  for (; j + 16 <= nbytes; j += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
-    const __m128i nh = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    const __m128i nl = _mm_and_si128(v, mask);
-    const __m128i i0 = _mm_unpacklo_epi8(nh, nl);  // nibbles of elements 0..15, in order
-    const __m128i i1 = _mm_unpackhi_epi8(nh, nl);  // elements 16..31
-    const __m128i l0 = _mm_shuffle_epi8(tlo, i0), h0 = _mm_shuffle_epi8(thi, i0);
-    const __m128i l1 = _mm_shuffle_epi8(tlo, i1), h1 = _mm_shuffle_epi8(thi, i1);
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+  const __m128i nh = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+  const __m128i nl = _mm_and_si128(v, mask);
+  i0 = _mm_unpacklo_epi8(nh, nl);
+  i1 = _mm_unpackhi_epi8(nh, nl);
+}
+
+inline void expand16(const std::uint8_t* in, std::int64_t nbytes, const Tables& t, std::uint16_t* out) {
+  for (std::int64_t j = 0; j < nbytes; j += 16) {
+    __m128i i0, i1;
+    nibbles(in + j, i0, i1);
+    const __m128i l0 = _mm_shuffle_epi8(t.plane[0], i0), h0 = _mm_shuffle_epi8(t.plane[1], i0);
+    const __m128i l1 = _mm_shuffle_epi8(t.plane[0], i1), h1 = _mm_shuffle_epi8(t.plane[1], i1);
     __m128i* o = reinterpret_cast<__m128i*>(out + 2 * j);
     _mm_storeu_si128(o + 0, _mm_unpacklo_epi8(l0, h0));
     _mm_storeu_si128(o + 1, _mm_unpackhi_epi8(l0, h0));
     _mm_storeu_si128(o + 2, _mm_unpacklo_epi8(l1, h1));
     _mm_storeu_si128(o + 3, _mm_unpackhi_epi8(l1, h1));
   }
-  return j;
 }
 
-// 32-bit outputs: four byte tables, recombined with two levels of unpacks.
-inline void store32x16(__m128i idx, const __m128i t[4], std::uint32_t* out) {
-  const __m128i b0 = _mm_shuffle_epi8(t[0], idx), b1 = _mm_shuffle_epi8(t[1], idx);
-  const __m128i b2 = _mm_shuffle_epi8(t[2], idx), b3 = _mm_shuffle_epi8(t[3], idx);
+inline void store32x16(__m128i idx, const Tables& t, std::uint32_t* out) {
+  const __m128i b0 = _mm_shuffle_epi8(t.plane[0], idx), b1 = _mm_shuffle_epi8(t.plane[1], idx);
+  const __m128i b2 = _mm_shuffle_epi8(t.plane[2], idx), b3 = _mm_shuffle_epi8(t.plane[3], idx);
   const __m128i lo01 = _mm_unpacklo_epi8(b0, b1), hi01 = _mm_unpackhi_epi8(b0, b1);
   const __m128i lo23 = _mm_unpacklo_epi8(b2, b3), hi23 = _mm_unpackhi_epi8(b2, b3);
   __m128i* o = reinterpret_cast<__m128i*>(out);
@@ -164,58 +225,65 @@ inline void store32x16(__m128i idx, const __m128i t[4], std::uint32_t* out) {
   _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(hi01, hi23));
 }
 
-inline std::int64_t expand32_ssse3(const std::uint8_t* in, std::int64_t nbytes, const std::uint32_t* lut,
-                                   std::uint32_t* out) {
-  alignas(16) std::uint8_t tb[4][16];
-  for (int k = 0; k < 16; ++k)
-    for (int s = 0; s < 4; ++s) tb[s][k] = static_cast<std::uint8_t>(lut[k] >> (8 * s));
-  __m128i t[4];
-  for (int s = 0; s < 4; ++s) t[s] = _mm_load_si128(reinterpret_cast<const __m128i*>(tb[s]));
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  std::int64_t j = 0;
-  for (; j + 16 <= nbytes; j += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
-    const __m128i nh = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    const __m128i nl = _mm_and_si128(v, mask);
-    store32x16(_mm_unpacklo_epi8(nh, nl), t, out + 2 * j);
-    store32x16(_mm_unpackhi_epi8(nh, nl), t, out + 2 * j + 16);
+inline void expand32(const std::uint8_t* in, std::int64_t nbytes, const Tables& t, std::uint32_t* out) {
+  for (std::int64_t j = 0; j < nbytes; j += 16) {
+    __m128i i0, i1;
+    nibbles(in + j, i0, i1);
+    store32x16(i0, t, out + 2 * j);
+    store32x16(i1, t, out + 2 * j + 16);
   }
-  return j;
 }
 #endif
 
+// Scalar table: the 16 rounded outputs of one block.
 template <typename T>
-inline T cast_out(float v);
-template <>
-inline std::uint32_t cast_out<std::uint32_t>(float v) { return f32_bits(v); }
+inline void scalar_lut(const float* code, float scale, int out_dtype, T* lut) {
+  for (int k = 0; k < 16; ++k) {
+    const float v = code[k] * scale;
+    if constexpr (sizeof(T) == 4) {
+      lut[k] = f32_bits(v);
+    } else {
+      lut[k] = out_dtype == nf4::kFloat16 ? f32_to_f16(v) : f32_to_bf16(v);
+    }
+  }
+}
 
 template <typename T>
 void dequantize_impl(const std::uint8_t* packed, const float* am, const float* code, std::int64_t n,
-                     std::int64_t bs, T* out, std::uint16_t (*cvt16)(float)) {
+                     std::int64_t bs, T* out, int out_dtype) {
   const std::int64_t nblocks = (n + bs - 1) / bs;
+#if defined(__SSE4_1__)
+  static const bool has_f16c = __builtin_cpu_supports("f16c");
+#endif
   parallel_blocks(nblocks, [&](std::int64_t b) {
-    T lut[16];
-    for (int k = 0; k < 16; ++k) {
-      const float v = code[k] * am[b];
-      if constexpr (sizeof(T) == 4) {
-        lut[k] = f32_bits(v);
-      } else {
-        lut[k] = cvt16(v);
-      }
-    }
     const std::int64_t e0 = b * bs;  // bs is even, so a block starts on a byte boundary
     const std::int64_t ne = std::min(bs, n - e0);
     const std::int64_t full_bytes = ne / 2;
     const std::uint8_t* in = packed + e0 / 2;
     T* o = out + e0;
     std::int64_t done = 0;
-#if defined(__SSSE3__)
-    if constexpr (sizeof(T) == 4) {
-      done = expand32_ssse3(in, full_bytes, lut, o);
-    } else {
-      done = expand16_ssse3(in, full_bytes, lut, o);
+#if defined(__SSE4_1__)
+    done = full_bytes & ~std::int64_t{15};
+    if (done) {
+      Tables t;
+      if constexpr (sizeof(T) == 4) {
+        tables_f32(code, am[b], t);
+        expand32(in, done, t, o);
+      } else {
+        if (out_dtype == nf4::kBFloat16) {
+          tables_bf16(code, am[b], t);
+        } else if (has_f16c) {
+          tables_f16_f16c(code, am[b], t);
+        } else {
+          tables_f16_scalar(code, am[b], t);
+        }
+        expand16(in, done, t, o);
+      }
     }
+    if (done == full_bytes && !(ne & 1)) return;
 #endif
+    T lut[16];  // the last, partial block (or no SIMD): a scalar table
+    scalar_lut(code, am[b], out_dtype, lut);
     expand_scalar(in + done, full_bytes - done, lut, o + 2 * done);
     if (ne & 1) o[ne - 1] = lut[in[full_bytes] >> 4];  // odd n: the last byte's high nibble
   });
@@ -234,15 +302,15 @@ void nf4_dequantize_cpu(std::uintptr_t packed, std::uintptr_t absmax, std::uintp
   switch (out_dtype) {
     case nf4::kFloat32:
       dequantize_impl<std::uint32_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint32_t*>(out),
-                                     nullptr);
+                                     out_dtype);
       break;
     case nf4::kFloat16:
       dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
-                                     f32_to_f16);
+                                     out_dtype);
       break;
     case nf4::kBFloat16:
       dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
-                                     f32_to_bf16);
+                                     out_dtype);
       break;
     default:
       throw std::invalid_argument("nf4_dequantize_cpu: unknown output dtype code " + std::to_string(out_dtype));

@@ -319,9 +319,15 @@ def _(x, blocksize, backend):
     return x.new_empty((n,), dtype=torch.uint8), x.new_empty((-(-n // blocksize),), dtype=torch.float32)
 
 
+def _cuda_kernel_built() -> bool:
+    ext = _ext.load()
+    return ext is not None and hasattr(ext, "nf4_dequantize_cuda")
+
+
 def _select(op: str, device: torch.device, backend, cuda_kernels=(Backend.CUDA, Backend.TRITON)) -> Backend:
     if device.type == "cuda":
-        supported = list(cuda_kernels)
+        # An extension built with CUDA but without this file's kernel cannot run CUDA.
+        supported = [b for b in cuda_kernels if b is not Backend.CUDA or _cuda_kernel_built()]
     elif device.type == "cpu":
         # AUTO on CPU picks CPP; TRITON on CPU tensors only runs under Triton's
         # interpreter (the tests), so it is available only when asked for.
