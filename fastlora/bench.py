@@ -411,8 +411,11 @@ def chart(bench: dict, path: Path) -> Path | None:
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("time relative to fastlora's best backend (baseline provider where fastlora has no result); "
-                  "right of 1 = slower")
+    ax.set_xlabel("time / fastlora's best time in the case (log); right of 1 = slower than fastlora", fontsize=8)
+    from matplotlib.patches import Patch
+
+    fams = {"fastlora": palette["fastlora"], **fam_color}
+    ax.legend(handles=[Patch(color=c, label=f) for f, c in fams.items()], fontsize=7, loc="lower right")
     m = bench.get("fastlora", {})
     ax.set_title(f"fastlora benchmarks, preset {m.get('preset')}, {m.get('device')}, {m.get('date')}", fontsize=9)
     fig.tight_layout()
