@@ -146,9 +146,16 @@ def backend_info() -> dict[str, str]:
     import torch
 
     info = {"torch": torch.__version__}
+    has_gpu = torch.cuda.is_available()
     for b in (Backend.TRITON, Backend.CPP, Backend.CUDA):
         ok, why = available(b)
-        info[b.value] = "available" if ok else f"missing: {why}"
+        if not ok:
+            info[b.value] = f"missing: {why}"
+        elif b in (Backend.TRITON, Backend.CUDA) and not has_gpu:
+            # Installed or compiled, but nothing here can run it (Triton only interpreted).
+            info[b.value] = "built, idle: no CUDA device present"
+        else:
+            info[b.value] = "available"
     info["cuda device"] = (
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     )
