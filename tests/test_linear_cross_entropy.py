@@ -302,3 +302,18 @@ def test_triton_several_vocab_blocks_with_extras(monkeypatch):
     _, rex = ref(hid, w, y, bias=b, return_extras=True)
     assert_close(ex["accuracy"], rex["accuracy"].double())
     assert_close(ex["entropy"], rex["entropy"], rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_like_f_linear():
+    hid, w, b, y = _data(10, 8, 20, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hid, w)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastlora.linear_cross_entropy(leaves[0], leaves[1], y, chunk_size=4)
+        exp = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hid, w).float(), y)
+    out.backward()
+    assert leaves[0].grad.dtype == torch.float32 and leaves[1].grad.dtype == torch.float32
+    assert_close(out, exp.float(), rtol=2e-2, atol=2e-2)
+    h2, w2 = hid.double().requires_grad_(), w.double().requires_grad_()
+    ref(h2, w2, y).backward()
+    assert_close(leaves[0].grad, h2.grad, rtol=5e-2, atol=5e-2)
+    assert_close(leaves[1].grad, w2.grad, rtol=5e-2, atol=5e-2)

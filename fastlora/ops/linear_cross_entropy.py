@@ -341,6 +341,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- functional
+def autocast_inputs(hidden, weight, bias):
+    """Under autocast, cast like F.linear would (Trainer(bf16=True) runs the lm_head in
+    autocast with fp32 weights); the casts are differentiable, so fp32 leaves get fp32
+    gradients as in eager."""
+    if not torch.is_tensor(hidden):
+        return hidden, weight, bias  # the checks that follow name the problem
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dt) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def check_linear_inputs(hidden, weight, labels, bias, what="labels"):
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not torch.is_tensor(t) or not t.is_floating_point():
@@ -396,6 +410,7 @@ def linear_cross_entropy(
     Gradients flow to hidden, weight and bias when they require grad.
     """
     check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

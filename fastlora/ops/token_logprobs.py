@@ -21,7 +21,12 @@ import torch
 
 from ..backend import Backend, select
 from .cross_entropy import check_labels
-from .linear_cross_entropy import check_linear_inputs, linear_ce_backward, linear_ce_forward
+from .linear_cross_entropy import (
+    autocast_inputs,
+    check_linear_inputs,
+    linear_ce_backward,
+    linear_ce_forward,
+)
 
 __all__ = ["token_logprobs"]
 
@@ -102,6 +107,7 @@ def token_logprobs(
     float64 inputs), and the entropy of the same shape when ``return_entropy``.
     Both are differentiable w.r.t. hidden, weight and bias when they require grad.
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs(hidden, weight, tokens, bias, what="tokens")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
