@@ -205,18 +205,41 @@ _GEMV_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class _NF4Storage:
-    """The tensors and metadata of a frozen NF4 weight, as the ops take them."""
+    """A frozen NF4 weight as the autograd Function takes it: the weight's own tensors
+    (saved for backward as they are: no new memory) and its metadata.
 
-    __slots__ = ("packed", "absmax", "code", "shape", "blocksize", "dtype")
+    Double-quantized statistics stay in their 8-bit form between forward and backward
+    and are decoded to fp32 in each (a few tiny ops): keeping the fp32 absmax alive
+    would cost 4 bytes per 64 weights per layer, about 1/32 of a bf16 model."""
+
+    __slots__ = ("tensors", "meta")
 
     def __init__(self, w):
-        # the kernels index these flat: make sure they are (no-ops for bnb's storage)
-        self.packed = w.packed.contiguous()
-        self.absmax = w.absmax_f32().contiguous()
-        self.code = w.code.contiguous()
-        self.shape = (int(w.shape[0]), int(w.shape[1]))
-        self.blocksize = int(w.blocksize)
-        self.dtype = w.dtype
+        nested = bool(getattr(w, "nested", False))
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        if nested:  # fastlora.NF4Weight with double quantization
+            self.tensors = (w.packed, w.code, w.absmax, w.state2_absmax, w.state2_code, w.offset)
+            s2bs = int(w.state2_blocksize)
+        else:
+            self.tensors = (w.packed, w.code, w.absmax_f32())
+            s2bs = 0
+        self.meta = (nested, shape, int(w.blocksize), w.dtype, s2bs)
+
+
+def _nf4_decode_storage(wmeta, tensors):
+    """(packed, absmax fp32, code), contiguous: the kernels index them flat."""
+    nested, shape, blocksize, dtype, s2bs = wmeta
+    if nested:
+        from ..nf4 import NF4Weight
+
+        packed, code, absmax8, s2_absmax, s2_code, offset = tensors
+        absmax = NF4Weight(
+            packed, absmax8, shape, dtype, blocksize, code=code, offset=offset,
+            state2_absmax=s2_absmax, state2_code=s2_code, state2_blocksize=s2bs,
+        ).absmax_f32()
+    else:
+        packed, code, absmax = tensors
+    return packed.contiguous(), absmax.contiguous(), code.contiguous()
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -235,9 +258,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dense, packed, absmax, code, lora_A, lora_B, bias, meta):
-        scaling, p, shape, blocksize, wdtype, fwd_backend, bwd_backend = meta
-        N, K = shape
+    def forward(ctx, x, dense, lora_A, lora_B, bias, meta, *wt):
+        scaling, p, wmeta, fwd_backend, bwd_backend = meta
+        N, K = wmeta[1]
+        blocksize, wdtype = wmeta[2], wmeta[3]
         mask = None
         if p > 0.0:
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
@@ -247,21 +271,23 @@ class LoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
             y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
         else:
+            packed, absmax, code = _nf4_decode_storage(wmeta, wt)
             y = torch.ops.fastlora.nf4_linear_fwd(
                 x, packed, absmax, code, N, blocksize, wdtype, xa, lora_B, scaling,
                 bias, fwd_backend.value,
             )
-        ctx.save_for_backward(x, mask, xa, dense, packed, absmax, code, lora_A, lora_B)
+        ctx.save_for_backward(x, mask, xa, dense, lora_A, lora_B, *wt)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mask, xa, dense, packed, absmax, code, lora_A, lora_B = ctx.saved_tensors
-        scaling, p, shape, blocksize, wdtype, fwd_backend, bwd_backend = ctx.meta
-        N, K = shape
-        need_x, _, _, _, _, need_A, need_B, need_bias, _ = ctx.needs_input_grad
+        x, mask, xa, dense, lora_A, lora_B, *wt = ctx.saved_tensors
+        scaling, p, wmeta, fwd_backend, bwd_backend = ctx.meta
+        N, K = wmeta[1]
+        blocksize, wdtype = wmeta[2], wmeta[3]
+        need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
 
         g = dy.to(lora_B.dtype)  # (M, N): PEFT's LoRA branch runs in its own dtype
         dB = (g.t() @ xa) * scaling if need_B else None  # (N, r)
@@ -279,6 +305,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if dense is not None:
                 dx = dy @ dense
             else:
+                packed, absmax, code = _nf4_decode_storage(wmeta, wt)
                 dx = torch.ops.fastlora.nf4_linear_bwd_input(
                     dy, packed, absmax, code, K, blocksize, wdtype,
                     dxa if fused else None, lora_A if fused else None, bwd_backend.value,
@@ -291,7 +318,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dbias = None
         if need_bias:
             dbias = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, None, None, dA, dB, dbias, None
+        return (dx, None, dA, dB, dbias, None) + (None,) * len(wt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,29 +415,31 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, dropout):
     return N, K
 
 
-def _check_nf4(st: _NF4Storage, x: torch.Tensor):
-    N, K = st.shape
-    n = N * K
-    if st.packed.dtype != torch.uint8 or st.packed.numel() < (n + 1) // 2:
+def _check_nf4(wmeta, tensors, x: torch.Tensor):
+    nested, shape, blocksize, dtype, _ = wmeta
+    packed, code, absmax = tensors[:3]  # absmax: uint8 codes when nested, else fp32
+    n = shape[0] * shape[1]
+    if packed.dtype != torch.uint8 or packed.numel() < (n + 1) // 2:
         raise ValueError(
-            f"NF4 weight of shape {_fmt(st.shape)} needs {(n + 1) // 2} packed uint8 bytes, "
-            f"got packed of shape {_fmt(st.packed.shape)} and dtype {st.packed.dtype}"
+            f"NF4 weight of shape {_fmt(shape)} needs {(n + 1) // 2} packed uint8 bytes, "
+            f"got packed of shape {_fmt(packed.shape)} and dtype {packed.dtype}"
         )
-    nblocks = -(-n // st.blocksize) if st.blocksize > 0 else -1
-    if st.blocksize <= 0 or st.absmax.numel() != nblocks or st.absmax.dtype != torch.float32:
+    nblocks = -(-n // blocksize) if blocksize > 0 else -1
+    want = torch.uint8 if nested else torch.float32
+    if blocksize <= 0 or absmax.numel() != nblocks or absmax.dtype != want:
         raise ValueError(
-            f"NF4 weight of shape {_fmt(st.shape)} with blocksize {st.blocksize} needs "
-            f"{nblocks} float32 absmax values, got shape {_fmt(st.absmax.shape)} dtype {st.absmax.dtype}"
+            f"NF4 weight of shape {_fmt(shape)} with blocksize {blocksize} needs "
+            f"{nblocks} {str(want)[6:]} absmax values, got shape {_fmt(absmax.shape)} dtype {absmax.dtype}"
         )
-    if st.code.numel() != 16 or st.code.dtype != torch.float32:
+    if code.numel() != 16 or code.dtype != torch.float32:
         raise ValueError(
-            f"NF4 code table must be 16 float32 values, got shape {_fmt(st.code.shape)} dtype {st.code.dtype}"
+            f"NF4 code table must be 16 float32 values, got shape {_fmt(code.shape)} dtype {code.dtype}"
         )
-    if not st.dtype.is_floating_point:
-        raise ValueError(f"NF4 weight dtype must be floating point, got {st.dtype}")
-    for name in ("packed", "absmax", "code"):
-        if getattr(st, name).device != x.device:
-            raise ValueError(f"NF4 weight {name} is on {getattr(st, name).device} but x is on {x.device}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"NF4 weight dtype must be floating point, got {dtype}")
+    for t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"NF4 weight storage is on {t.device} but x is on {x.device}")
 
 
 def _choose_backends(device, M, dtype, backend):
@@ -466,15 +495,14 @@ def lora_linear(
     x2d = x.reshape(-1, K)  # (M, K); a view when x's strides allow
     M = x2d.shape[0]
     if isinstance(weight, torch.Tensor):
-        dense, packed, absmax, code = weight, None, None, None
-        blocksize, wdtype = 0, weight.dtype
+        dense, wt = weight, ()
+        wmeta = (False, (N, K), 0, weight.dtype, 0)
         fwd_b = bwd_b = Backend.REFERENCE  # dense matmuls are torch's (cuBLAS / MKL)
     else:
         st = _NF4Storage(weight)
-        _check_nf4(st, x)
-        dense, packed, absmax, code = None, st.packed, st.absmax, st.code
-        blocksize, wdtype = st.blocksize, st.dtype
+        _check_nf4(st.meta, st.tensors, x)
+        dense, wt, wmeta = None, st.tensors, st.meta
         fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
-    meta = (float(scaling), float(dropout), (N, K), blocksize, wdtype, fwd_b, bwd_b)
-    y = LoRALinearFunction.apply(x2d, dense, packed, absmax, code, lora_A, lora_B, bias, meta)
+    meta = (float(scaling), float(dropout), wmeta, fwd_b, bwd_b)
+    y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
     return y.reshape(*lead, N)  # (..., N)
