@@ -19,6 +19,12 @@ from tests.helpers import assert_close, has_module, requires_bnb, requires_trito
 
 HAS_CUDA = torch.cuda.is_available()
 K, N, R, BS = 200, 130, 8, 64  # K and N are not multiples of the block or of blocksize
+# Triton runs on the GPU when there is one, else in the interpreter on CPU tensors
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def device_for(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 pytestmark = requires_bnb
 
@@ -121,10 +127,11 @@ def test_nf4_bf16_cpu(backend):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
 def test_frozen_x_and_empty_batch(backend):
     # the first LoRA layer after frozen embeddings gets an x without grad: no dx at all
-    weight, dense = make_nf4(N, K)
-    x, A, B, b = make_inputs((4,), torch.float32)
+    dev = device_for(backend)
+    weight, dense = make_nf4(N, K, device=dev)
+    x, A, B, b = make_inputs((4,), torch.float32, device=dev)
     check(x.detach(), weight, dense, A, B, b, backend=backend)
-    x0 = torch.zeros(2, 0, K, requires_grad=True)
+    x0 = torch.zeros(2, 0, K, device=dev, requires_grad=True)
     y = lora_linear(x0, weight, A, B, 0.5, b, 0.1, backend=backend)
     assert y.shape == (2, 0, N)
     y.sum().backward()
@@ -328,7 +335,7 @@ def _op_args(M=5, k=40, n=24, r=4, device="cpu", dtype=torch.float32, backend="r
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=requires_triton)])
 def test_opcheck(backend):
-    fwd, bwd = _op_args(backend=backend)
+    fwd, bwd = _op_args(backend=backend, device=device_for(backend))
     torch.library.opcheck(nf4_linear_fwd, fwd)
     torch.library.opcheck(nf4_linear_bwd_input, bwd)
     fwd_none = fwd[:7] + (None, None, 1.0, None, backend)
@@ -336,9 +343,6 @@ def test_opcheck(backend):
 
 
 # --------------------------------------------------------------------------- Triton (interpreter on CPU)
-
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
