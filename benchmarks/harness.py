@@ -608,6 +608,8 @@ def _run(benchmark, env: Env, case: Case, provider: Provider, heavy: bool) -> di
     if case.flops:
         info["TFLOPs"] = case.flops / median / 1e12
         info["frac_matmul_peak"] = info["TFLOPs"] / env.ceilings["matmul_TFLOPs"]
+        if case.area == "train_step":  # model FLOPs (no recompute) over the measured matmul peak
+            info["MFU"] = info["frac_matmul_peak"]
     if case.tokens:
         info["tokens_per_s"] = case.tokens / median
     benchmark.extra_info.update(info)
