@@ -23,10 +23,11 @@ K, N, R, BS = 200, 130, 8, 64  # K and N are not multiples of the block or of bl
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+pytestmark = requires_bnb
+
+
 def device_for(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
-
-pytestmark = requires_bnb
 
 
 class _BnbNF4:
