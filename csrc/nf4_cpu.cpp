@@ -87,10 +87,14 @@ inline float f16_to_f32(std::uint16_t h) {
   return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+// Below this many elements a parallel region costs more than it saves (and on a busy
+// machine waking the team can take a scheduler time slice), so small weights run serially.
+constexpr std::int64_t kParallelMinElems = std::int64_t{1} << 18;
+
 template <typename F>
-inline void parallel_blocks(std::int64_t nblocks, F&& body) {
+inline void parallel_blocks(std::int64_t nblocks, std::int64_t n, F&& body) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElems)
 #endif
   for (std::int64_t b = 0; b < nblocks; ++b) body(b);
 }
@@ -99,20 +103,23 @@ inline void parallel_blocks(std::int64_t nblocks, F&& body) {
 // Dequantize
 // ---------------------------------------------------------------------------------------
 
-// Decoded float32 block scales. The nested form is code2[q] * absmax2[i / bs2], then
-// + offset, as two separately rounded operations: two loops, so no FMA can contract them.
-std::vector<float> decode_absmax(const void* absmax, const float* s2_absmax, const float* s2_code,
-                                 float offset, bool nested, std::int64_t nblocks, std::int64_t bs2) {
-  std::vector<float> am(static_cast<size_t>(nblocks));
-  if (!nested) {
-    std::memcpy(am.data(), absmax, sizeof(float) * nblocks);
-    return am;
+// The float32 scale of block b. Nested statistics are code2[q] * absmax2[b / bs2], then
+// + offset, as two separately rounded operations like bitsandbytes; the volatile product
+// keeps a compiler that may use FMA (-march=native) from contracting them.
+struct BlockScales {
+  const void* absmax;
+  const float* s2_absmax;
+  const float* s2_code;
+  float offset;
+  bool nested;
+  std::int64_t bs2;
+
+  float operator()(std::int64_t b) const {
+    if (!nested) return static_cast<const float*>(absmax)[b];
+    volatile float prod = s2_code[static_cast<const std::uint8_t*>(absmax)[b]] * s2_absmax[b / bs2];
+    return prod + offset;
   }
-  const auto* q = static_cast<const std::uint8_t*>(absmax);
-  for (std::int64_t i = 0; i < nblocks; ++i) am[i] = s2_code[q[i]] * s2_absmax[i / bs2];
-  for (std::int64_t i = 0; i < nblocks; ++i) am[i] = am[i] + offset;
-  return am;
-}
+};
 
 // Expand `nbytes` packed bytes into 2*nbytes outputs of T through a 16-entry table.
 template <typename T>
@@ -249,33 +256,34 @@ inline void scalar_lut(const float* code, float scale, int out_dtype, T* lut) {
 }
 
 template <typename T>
-void dequantize_impl(const std::uint8_t* packed, const float* am, const float* code, std::int64_t n,
+void dequantize_impl(const std::uint8_t* packed, const BlockScales& scale_of, const float* code, std::int64_t n,
                      std::int64_t bs, T* out, int out_dtype) {
   const std::int64_t nblocks = (n + bs - 1) / bs;
 #if defined(__SSE4_1__)
   static const bool has_f16c = __builtin_cpu_supports("f16c");
 #endif
-  parallel_blocks(nblocks, [&](std::int64_t b) {
+  parallel_blocks(nblocks, n, [&](std::int64_t b) {
     const std::int64_t e0 = b * bs;  // bs is even, so a block starts on a byte boundary
     const std::int64_t ne = std::min(bs, n - e0);
     const std::int64_t full_bytes = ne / 2;
     const std::uint8_t* in = packed + e0 / 2;
     T* o = out + e0;
+    const float scale = scale_of(b);
     std::int64_t done = 0;
 #if defined(__SSE4_1__)
     done = full_bytes & ~std::int64_t{15};
     if (done) {
       Tables t;
       if constexpr (sizeof(T) == 4) {
-        tables_f32(code, am[b], t);
+        tables_f32(code, scale, t);
         expand32(in, done, t, o);
       } else {
         if (out_dtype == nf4::kBFloat16) {
-          tables_bf16(code, am[b], t);
+          tables_bf16(code, scale, t);
         } else if (has_f16c) {
-          tables_f16_f16c(code, am[b], t);
+          tables_f16_f16c(code, scale, t);
         } else {
-          tables_f16_scalar(code, am[b], t);
+          tables_f16_scalar(code, scale, t);
         }
         expand16(in, done, t, o);
       }
@@ -283,7 +291,7 @@ void dequantize_impl(const std::uint8_t* packed, const float* am, const float* c
     if (done == full_bytes && !(ne & 1)) return;
 #endif
     T lut[16];  // the last, partial block (or no SIMD): a scalar table
-    scalar_lut(code, am[b], out_dtype, lut);
+    scalar_lut(code, scale, out_dtype, lut);
     expand_scalar(in + done, full_bytes - done, lut, o + 2 * done);
     if (ne & 1) o[ne - 1] = lut[in[full_bytes] >> 4];  // odd n: the last byte's high nibble
   });
@@ -293,23 +301,21 @@ void nf4_dequantize_cpu(std::uintptr_t packed, std::uintptr_t absmax, std::uintp
                         std::uintptr_t s2_absmax, std::uintptr_t s2_code, float offset, bool nested,
                         std::int64_t n, std::int64_t blocksize, std::int64_t s2_blocksize,
                         std::uintptr_t out, int out_dtype) {
-  const std::int64_t nblocks = (n + blocksize - 1) / blocksize;
-  const std::vector<float> am =
-      decode_absmax(reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(s2_absmax),
-                    reinterpret_cast<const float*>(s2_code), offset, nested, nblocks, s2_blocksize);
+  const BlockScales am{reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(s2_absmax),
+                       reinterpret_cast<const float*>(s2_code), offset, nested, s2_blocksize};
   const auto* p = reinterpret_cast<const std::uint8_t*>(packed);
   const auto* c = reinterpret_cast<const float*>(code);
   switch (out_dtype) {
     case nf4::kFloat32:
-      dequantize_impl<std::uint32_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint32_t*>(out),
+      dequantize_impl<std::uint32_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint32_t*>(out),
                                      out_dtype);
       break;
     case nf4::kFloat16:
-      dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
+      dequantize_impl<std::uint16_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
                                      out_dtype);
       break;
     case nf4::kBFloat16:
-      dequantize_impl<std::uint16_t>(p, am.data(), c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
+      dequantize_impl<std::uint16_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
                                      out_dtype);
       break;
     default:
@@ -330,7 +336,7 @@ inline std::uint8_t nf4_index(float x) {
 template <typename Load>
 void quantize_impl(Load load, std::int64_t n, std::int64_t bs, std::uint8_t* packed, float* absmax) {
   const std::int64_t nblocks = (n + bs - 1) / bs;
-  parallel_blocks(nblocks, [&](std::int64_t b) {
+  parallel_blocks(nblocks, n, [&](std::int64_t b) {
     const std::int64_t e0 = b * bs, ne = std::min(bs, n - e0);
     float x[4096];  // the largest valid blocksize
     float am = 0.f;
@@ -391,7 +397,7 @@ void nf4_quantize_stats_cpu(std::uintptr_t in, std::int64_t n, std::int64_t bloc
   auto* q = reinterpret_cast<std::uint8_t*>(q_out);
   auto* absmax = reinterpret_cast<float*>(absmax_out);
   const std::int64_t nblocks = (n + blocksize - 1) / blocksize;
-  parallel_blocks(nblocks, [&](std::int64_t b) {
+  parallel_blocks(nblocks, n, [&](std::int64_t b) {
     const std::int64_t e0 = b * blocksize, ne = std::min(blocksize, n - e0);
     float am = 0.f;
     for (std::int64_t i = 0; i < ne; ++i) am = std::max(am, std::fabs(x[e0 + i]));

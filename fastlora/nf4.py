@@ -210,8 +210,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@torch.library.custom_op("fastlora::nf4_dequantize", mutates_args=())
-def _nf4_dequantize_op(
+def _nf4_dequantize_impl(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,
@@ -255,6 +254,17 @@ def _nf4_dequantize_op(
             )  # fmt: skip
         return out
     raise ValueError(f"nf4_dequantize: unknown backend {backend!r}")
+
+
+_nf4_dequantize_op = torch.library.custom_op("fastlora::nf4_dequantize", _nf4_dequantize_impl, mutates_args=())
+
+
+def _eager(t: torch.Tensor) -> bool:
+    # Eager calls on plain tensors run the implementation directly: the custom op's Python
+    # dispatch costs ~50 us a call, more than dequantizing a small weight, and patched
+    # layers dequantize on every forward. torch.compile, fake tensors and tensor
+    # subclasses go through the registered op (and its fake kernel).
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 @_nf4_dequantize_op.register_fake
@@ -325,6 +335,19 @@ def _cuda_kernel_built() -> bool:
 
 
 def _select(op: str, device: torch.device, backend, cuda_kernels=(Backend.CUDA, Backend.TRITON)) -> Backend:
+    if torch.compiler.is_compiling():
+        # The choice is made once, at trace time, and baked into the graph as a constant.
+        forced = Backend.parse(backend) if backend is not None else None
+        return Backend(_select_traced(op, str(device), None if forced is None else forced.value, tuple(b.value for b in cuda_kernels)))
+    return _select_eager(op, device, backend, cuda_kernels)
+
+
+@torch.compiler.assume_constant_result
+def _select_traced(op: str, device: str, backend, cuda_kernels) -> str:
+    return _select_eager(op, torch.device(device), backend, tuple(Backend(b) for b in cuda_kernels)).value
+
+
+def _select_eager(op: str, device: torch.device, backend, cuda_kernels) -> Backend:
     if device.type == "cuda":
         # An extension built with CUDA but without this file's kernel cannot run CUDA.
         supported = [b for b in cuda_kernels if b is not Backend.CUDA or _cuda_kernel_built()]
@@ -465,7 +488,8 @@ class NF4Weight:
         _check_device(self.device, "NF4Weight.dequantize")
         b = _select("nf4_dequantize", self.device, backend)
         packed = self.packed if self.packed.is_contiguous() else self.packed.contiguous()
-        return _nf4_dequantize_op(
+        op = _nf4_dequantize_impl if _eager(packed) else _nf4_dequantize_op
+        return op(
             packed, self.absmax, self.code, self.state2_absmax, self.state2_code, self.offset,
             self.blocksize, list(self.shape), dtype, b.value,
         )  # fmt: skip

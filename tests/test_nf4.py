@@ -447,3 +447,33 @@ def test_gpu_quantize_triton_matches_cpu(dtype, double_quant):
         if torch.equal(q.offset.cpu(), ref.offset):
             assert_bits_equal(q.absmax.cpu(), ref.absmax, f"{shape} nested absmax")
             assert_bits_equal(q.state2_absmax.cpu(), ref.state2_absmax, f"{shape} state2 absmax")
+
+
+# ------------------------------------------------------------------------------------------
+# The torch.library ops: schema, fake kernels and dispatch (what torch.compile relies on)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_custom_ops_opcheck(backend):
+    from fastlora import nf4 as m
+
+    w = make_weight((6, 70), torch.bfloat16)
+    q = quantize_nf4(w, 32, True, backend=backend)
+    args = (q.packed, q.absmax, q.code, q.state2_absmax, q.state2_code, q.offset, 32, [6, 70], torch.float16, backend.value)
+    torch.library.opcheck(m._nf4_dequantize_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert_bits_equal(m._nf4_dequantize_op(*args), q.dequantize(torch.float16, backend="reference"))
+    torch.library.opcheck(m._nf4_quantize_op, (w, 32, backend.value), test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(300)
+    torch.library.opcheck(m._quantize_stats8_op, (x, 256, backend.value), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dequantize_under_torch_compile():
+    q = quantize_nf4(make_weight((8, 64), torch.float32), 64, True, backend="reference")
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(packed, absmax, state2_absmax, offset):
+        w = NF4Weight(packed, absmax, (8, 64), torch.float32, 64, code=q.code, offset=offset,
+                      state2_absmax=state2_absmax, state2_code=q.state2_code)  # fmt: skip
+        return w.dequantize(backend="cpp") * 2
+
+    out = f(q.packed, q.absmax, q.state2_absmax, q.offset)
+    assert_bits_equal(out, q.dequantize(backend="reference") * 2)
