@@ -134,6 +134,12 @@ PRESETS = {
         gen_new=64,
     ),
 }
+# The whole 32-layer model in 4-bit (issue 5: "if memory allows"), for the model areas:
+# `--preset llama3-8b-full --only train_step,generation` (about 45 GB on the GPU).
+PRESETS["llama3-8b-full"] = dataclasses.replace(
+    PRESETS["llama3-8b"], name="llama3-8b-full",
+    train=dataclasses.replace(PRESETS["llama3-8b"].train, layers=32),
+)
 
 
 # ----------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation")
 # the order the suite runs in: the training step last, because its Liger provider
 # patches transformers process-wide and cannot be undone
 _RUN_ORDER = ("nf4", "lora_linear", "cross_entropy", "generation", "train_step")
-PRESETS = ("tiny", "llama3-8b")
+PRESETS = ("tiny", "llama3-8b", "llama3-8b-full")  # benchmarks/harness.py defines them
 _VERSIONS = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel",
              "cut-cross-entropy", "unsloth", "pytest", "pytest-benchmark", "fastlora")
 # the provider every ratio is taken against, when fastlora has no result for a case

@@ -6,7 +6,7 @@
 # benchmarks; the results (and one archive of the logs) are copied to $OUT when it is set.
 #
 #   scripts/gpu/run_gpu.sh [--skip-build] [--skip-tests] [--skip-sanitizer] [--skip-bench]
-#                          [--only AREA[,AREA]] [--preset llama3-8b|tiny] [--python PY]
+#                          [--only AREA[,AREA]] [--preset llama3-8b|llama3-8b-full|tiny] [--python PY]
 #
 # Every step runs even when an earlier one failed; the exit status is the first failure.
 # A device session allows about 10 minutes per command: run the tests in one call and
