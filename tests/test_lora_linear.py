@@ -323,23 +323,31 @@ def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
 # --------------------------------------------------------------------------- custom ops
 
 
-def _op_args(M=5, k=40, n=24, r=4, device="cpu", dtype=torch.float32, backend="reference"):
-    weight, _ = make_nf4(n, k, blocksize=32, device=device)
+def _storage(weight):
+    """(packed, code, absmax, state2_absmax, state2_code, offset), as the ops take it."""
+    if getattr(weight, "nested", False):
+        return (weight.packed, weight.code, weight.absmax, weight.state2_absmax,
+                weight.state2_code, weight.offset)
+    return (weight.packed, weight.code, weight.absmax_f32(), None, None, None)
+
+
+def _op_args(M=5, k=40, n=24, r=4, device="cpu", dtype=torch.float32, backend="reference", wrap=None):
+    weight, _ = make_nf4(n, k, blocksize=32, device=device, wrap=wrap)
     g = torch.Generator().manual_seed(8)
     mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
-    fwd = (mk(M, k), weight.packed, weight.absmax_f32(), weight.code, n, 32, torch.float32,
-           mk(M, r), mk(n, r), 0.5, mk(n), backend)
-    bwd = (mk(M, n), weight.packed, weight.absmax_f32(), weight.code, k, 32, torch.float32,
-           mk(M, r), mk(r, k), backend)
+    st = _storage(weight)
+    fwd = (mk(M, k), *st, n, 32, torch.float32, mk(M, r), mk(n, r), 0.5, mk(n), backend)
+    bwd = (mk(M, n), *st, k, 32, torch.float32, mk(M, r), mk(r, k), backend)
     return fwd, bwd
 
 
+@pytest.mark.parametrize("wrap", [None, "raw"])  # double-quant stats, plain fp32 stats
 @pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=requires_triton)])
-def test_opcheck(backend):
-    fwd, bwd = _op_args(backend=backend, device=device_for(backend))
+def test_opcheck(backend, wrap):
+    fwd, bwd = _op_args(backend=backend, device=device_for(backend), wrap=wrap)
     torch.library.opcheck(nf4_linear_fwd, fwd)
     torch.library.opcheck(nf4_linear_bwd_input, bwd)
-    fwd_none = fwd[:7] + (None, None, 1.0, None, backend)
+    fwd_none = fwd[:10] + (None, None, 1.0, None, backend)
     torch.library.opcheck(nf4_linear_fwd, fwd_none)
 
 
@@ -390,8 +398,7 @@ def test_cuda_gemv(M, dtype, k):
     g = torch.Generator().manual_seed(10)
     x = torch.randn(M, k, generator=g).to("cuda", dtype)
     bias = torch.randn(N, generator=g).to("cuda", dtype)
-    y = nf4_linear_fwd(x, weight.packed, weight.absmax_f32(), weight.code, N, BS, torch.bfloat16,
-                       None, None, 1.0, bias, "cuda")
+    y = nf4_linear_fwd(x, *_storage(weight), N, BS, torch.bfloat16, None, None, 1.0, bias, "cuda")
     ref = x.double() @ dense.to(dtype).double().t() + bias.double()
     assert_close(y, ref, dtype=dtype)
     if k == K:  # through the public API: the forward runs the GEMV, the backward Triton

@@ -84,24 +84,50 @@ def _apply_dropout(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tenso
 # ---------------------------------------------------------------------------------------
 
 
-def _dequantize_for(
-    packed, absmax, code, shape, blocksize, weight_dtype, out_dtype, backend: Backend
-) -> torch.Tensor:
-    """Dense W in ``out_dtype`` for the unfused CPU / reference paths: NF4Weight's own
-    dequantize (C++ for CPP, the pure-torch spec for REFERENCE), rounded to the weight's
-    dtype first, as bitsandbytes' ``dequantize_4bit(W).to(x.dtype)``."""
+# NF4 storage as the ops take it, bitsandbytes' fields as they are stored:
+#   packed (uint8), code (16 fp32), absmax (fp32, or uint8 codes when double-quantized),
+#   state2_absmax / state2_code / offset (the double-quant statistics, or None).
+# The fused kernels read fp32 scales, decoded per call; the C++ dequantizer decodes
+# double-quant statistics in the same pass as the weights.
+
+
+def _absmax_f32(packed, code, absmax, state2_absmax, state2_code, offset, shape, blocksize, dtype):
+    if state2_absmax is None:
+        return absmax.contiguous()
     from ..nf4 import NF4Weight
 
-    w = NF4Weight(packed, absmax, shape, weight_dtype, blocksize, code=code)
-    return w.dequantize(weight_dtype, backend=backend).to(out_dtype)
+    w = NF4Weight(
+        packed, absmax, shape, dtype, blocksize, code=code, offset=offset,
+        state2_absmax=state2_absmax, state2_code=state2_code,
+    )
+    return w.absmax_f32().contiguous()
+
+
+def _dequantize_for(
+    packed, code, absmax, state2_absmax, state2_code, offset, shape, blocksize, weight_dtype,
+    out_dtype, backend: Backend,
+) -> torch.Tensor:
+    """Dense W in ``out_dtype`` for the unfused CPU / reference paths, by fastlora.nf4's
+    dequantize op (C++ for CPP, the pure-torch spec for REFERENCE), rounded to the
+    weight's dtype first, as bitsandbytes' ``dequantize_4bit(W).to(x.dtype)``."""
+    from .. import nf4  # noqa: F401  (registers fastlora::nf4_dequantize)
+
+    w = torch.ops.fastlora.nf4_dequantize(
+        packed, absmax, code, state2_absmax, state2_code, offset, blocksize, list(shape),
+        weight_dtype, backend.value,
+    )
+    return w.to(out_dtype)
 
 
 @torch.library.custom_op("fastlora::nf4_linear_fwd", mutates_args=())
 def nf4_linear_fwd(
     x: torch.Tensor,
     packed: torch.Tensor,
-    absmax: torch.Tensor,
     code: torch.Tensor,
+    absmax: torch.Tensor,
+    state2_absmax: Optional[torch.Tensor],
+    state2_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
     out_features: int,
     blocksize: int,
     weight_dtype: torch.dtype,
@@ -115,17 +141,20 @@ def nf4_linear_fwd(
     lora_B ``(N, r)``, bias ``(N,)``; returns ``(M, N)`` in x.dtype."""
     b = Backend(backend)
     N, K = out_features, x.shape[1]
+    stats = (state2_absmax, state2_code, offset)
+    if b in (Backend.TRITON, Backend.CUDA):
+        scale = _absmax_f32(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype)
     if b is Backend.TRITON:
         from ..kernels.lora_linear_triton import nf4_matmul
 
         return nf4_matmul(
-            x, packed, absmax, code, N, K, blocksize, weight_dtype,
+            x, packed, scale, code, N, K, blocksize, weight_dtype,
             transpose_w=True, lora_left=xa, lora_right=lora_B, scaling=scaling, bias=bias,
         )
     if b is Backend.CUDA:
-        y = _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias)
+        y = _cuda_gemv(x, packed, scale, code, N, K, blocksize, weight_dtype, bias)
     else:
-        w = _dequantize_for(packed, absmax, code, (N, K), blocksize, weight_dtype, x.dtype, b)
+        w = _dequantize_for(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, x.dtype, b)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
     if xa is not None:
         y = y + ((xa @ lora_B.t()) * scaling).to(y.dtype)
@@ -133,7 +162,8 @@ def nf4_linear_fwd(
 
 
 @nf4_linear_fwd.register_fake
-def _(x, packed, absmax, code, out_features, blocksize, weight_dtype, xa, lora_B, scaling, bias, backend):
+def _(x, packed, code, absmax, state2_absmax, state2_code, offset, out_features, blocksize,
+      weight_dtype, xa, lora_B, scaling, bias, backend):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -141,8 +171,11 @@ def _(x, packed, absmax, code, out_features, blocksize, weight_dtype, xa, lora_B
 def nf4_linear_bwd_input(
     dy: torch.Tensor,
     packed: torch.Tensor,
-    absmax: torch.Tensor,
     code: torch.Tensor,
+    absmax: torch.Tensor,
+    state2_absmax: Optional[torch.Tensor],
+    state2_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
     in_features: int,
     blocksize: int,
     weight_dtype: torch.dtype,
@@ -155,14 +188,16 @@ def nf4_linear_bwd_input(
     (already scaled); pass None when dropout sits between (the caller masks it)."""
     b = Backend(backend)
     N, K = dy.shape[1], in_features
+    stats = (state2_absmax, state2_code, offset)
     if b is Backend.TRITON:
         from ..kernels.lora_linear_triton import nf4_matmul
 
+        scale = _absmax_f32(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype)
         return nf4_matmul(
-            dy, packed, absmax, code, N, K, blocksize, weight_dtype,
+            dy, packed, scale, code, N, K, blocksize, weight_dtype,
             transpose_w=False, lora_left=t, lora_right=lora_A, scaling=1.0, bias=None,
         )
-    w = _dequantize_for(packed, absmax, code, (N, K), blocksize, weight_dtype, dy.dtype, b)
+    w = _dequantize_for(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, dy.dtype, b)
     dx = dy @ w
     if t is not None:
         dx = dx + (t @ lora_A).to(dx.dtype)
@@ -170,7 +205,8 @@ def nf4_linear_bwd_input(
 
 
 @nf4_linear_bwd_input.register_fake
-def _(dy, packed, absmax, code, in_features, blocksize, weight_dtype, t, lora_A, backend):
+def _(dy, packed, code, absmax, state2_absmax, state2_code, offset, in_features, blocksize,
+      weight_dtype, t, lora_A, backend):
     return dy.new_empty((dy.shape[0], in_features))
 
 
@@ -204,42 +240,21 @@ _GEMV_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # ---------------------------------------------------------------------------------------
 
 
-class _NF4Storage:
+def _nf4_storage(w):
     """A frozen NF4 weight as the autograd Function takes it: the weight's own tensors
     (saved for backward as they are: no new memory) and its metadata.
 
     Double-quantized statistics stay in their 8-bit form between forward and backward
-    and are decoded to fp32 in each (a few tiny ops): keeping the fp32 absmax alive
-    would cost 4 bytes per 64 weights per layer, about 1/32 of a bf16 model."""
-
-    __slots__ = ("tensors", "meta")
-
-    def __init__(self, w):
-        nested = bool(getattr(w, "nested", False))
-        shape = (int(w.shape[0]), int(w.shape[1]))
-        if nested:  # fastlora.NF4Weight with double quantization
-            self.tensors = (w.packed, w.code, w.absmax, w.state2_absmax, w.state2_code, w.offset)
-            s2bs = int(w.state2_blocksize)
-        else:
-            self.tensors = (w.packed, w.code, w.absmax_f32())
-            s2bs = 0
-        self.meta = (nested, shape, int(w.blocksize), w.dtype, s2bs)
-
-
-def _nf4_decode_storage(wmeta, tensors):
-    """(packed, absmax fp32, code), contiguous: the kernels index them flat."""
-    nested, shape, blocksize, dtype, s2bs = wmeta
-    if nested:
-        from ..nf4 import NF4Weight
-
-        packed, code, absmax8, s2_absmax, s2_code, offset = tensors
-        absmax = NF4Weight(
-            packed, absmax8, shape, dtype, blocksize, code=code, offset=offset,
-            state2_absmax=s2_absmax, state2_code=s2_code, state2_blocksize=s2bs,
-        ).absmax_f32()
+    and are decoded in each: keeping an fp32 absmax alive would cost 4 bytes per 64
+    weights per layer, about 1/32 of a bf16 model."""
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    if getattr(w, "nested", False):  # fastlora.NF4Weight with double quantization
+        tensors = (w.packed, w.code, w.absmax, w.state2_absmax, w.state2_code, w.offset)
     else:
-        packed, code, absmax = tensors
-    return packed.contiguous(), absmax.contiguous(), code.contiguous()
+        tensors = (w.packed, w.code, w.absmax_f32(), None, None, None)
+    # the kernels index packed and code flat (no-ops for bnb's storage)
+    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    return tensors, (shape, int(w.blocksize), w.dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -260,8 +275,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dense, lora_A, lora_B, bias, meta, *wt):
         scaling, p, wmeta, fwd_backend, bwd_backend = meta
-        N, K = wmeta[1]
-        blocksize, wdtype = wmeta[2], wmeta[3]
+        (N, K), blocksize, wdtype = wmeta
         mask = None
         if p > 0.0:
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
@@ -271,10 +285,8 @@ class LoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
             y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
         else:
-            packed, absmax, code = _nf4_decode_storage(wmeta, wt)
             y = torch.ops.fastlora.nf4_linear_fwd(
-                x, packed, absmax, code, N, blocksize, wdtype, xa, lora_B, scaling,
-                bias, fwd_backend.value,
+                x, *wt, N, blocksize, wdtype, xa, lora_B, scaling, bias, fwd_backend.value,
             )
         ctx.save_for_backward(x, mask, xa, dense, lora_A, lora_B, *wt)
         ctx.meta = meta
@@ -285,8 +297,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, mask, xa, dense, lora_A, lora_B, *wt = ctx.saved_tensors
         scaling, p, wmeta, fwd_backend, bwd_backend = ctx.meta
-        N, K = wmeta[1]
-        blocksize, wdtype = wmeta[2], wmeta[3]
+        (N, K), blocksize, wdtype = wmeta
         need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
 
         g = dy.to(lora_B.dtype)  # (M, N): PEFT's LoRA branch runs in its own dtype
@@ -305,9 +316,8 @@ class LoRALinearFunction(torch.autograd.Function):
             if dense is not None:
                 dx = dy @ dense
             else:
-                packed, absmax, code = _nf4_decode_storage(wmeta, wt)
                 dx = torch.ops.fastlora.nf4_linear_bwd_input(
-                    dy, packed, absmax, code, K, blocksize, wdtype,
+                    dy, *wt, K, blocksize, wdtype,
                     dxa if fused else None, lora_A if fused else None, bwd_backend.value,
                 )
             if dense is not None and fused:
@@ -416,8 +426,9 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, dropout):
 
 
 def _check_nf4(wmeta, tensors, x: torch.Tensor):
-    nested, shape, blocksize, dtype, _ = wmeta
+    shape, blocksize, dtype = wmeta
     packed, code, absmax = tensors[:3]  # absmax: uint8 codes when nested, else fp32
+    nested = tensors[3] is not None
     n = shape[0] * shape[1]
     if packed.dtype != torch.uint8 or packed.numel() < (n + 1) // 2:
         raise ValueError(
@@ -438,7 +449,7 @@ def _check_nf4(wmeta, tensors, x: torch.Tensor):
     if not dtype.is_floating_point:
         raise ValueError(f"NF4 weight dtype must be floating point, got {dtype}")
     for t in tensors:
-        if t.device != x.device:
+        if t is not None and t.device != x.device:
             raise ValueError(f"NF4 weight storage is on {t.device} but x is on {x.device}")
 
 
@@ -496,12 +507,12 @@ def lora_linear(
     M = x2d.shape[0]
     if isinstance(weight, torch.Tensor):
         dense, wt = weight, ()
-        wmeta = (False, (N, K), 0, weight.dtype, 0)
+        wmeta = ((N, K), 0, weight.dtype)
         fwd_b = bwd_b = Backend.REFERENCE  # dense matmuls are torch's (cuBLAS / MKL)
     else:
-        st = _NF4Storage(weight)
-        _check_nf4(st.meta, st.tensors, x)
-        dense, wt, wmeta = None, st.tensors, st.meta
+        wt, wmeta = _nf4_storage(weight)
+        _check_nf4(wmeta, wt, x)
+        dense = None
         fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
     meta = (float(scaling), float(dropout), wmeta, fwd_b, bwd_b)
     y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
