@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -78,6 +79,11 @@ def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     areas = _areas(only)
     suite = find_suite()
+    missing = [pip for mod, pip in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"),
+                                    ("psutil", "psutil"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise RuntimeError(f"fastlora bench needs {', '.join(missing)}: pip install {' '.join(missing)}")
     root = suite.parent
     out_dir = Path(results_dir) if results_dir is not None else suite / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -446,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         return run(preset=a.preset, only=a.only, results_dir=a.results_dir, pytest_args=extra)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fastlora bench: {e}", file=sys.stderr)
         return 2
 
