@@ -29,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import statistics
 import threading
 import time
@@ -413,21 +414,36 @@ def _heap_in_use() -> int:
     return int(m.uordblks + m.hblkhd)  # malloc'd bytes in use + mmapped chunks
 
 
+def _rss_reader() -> Callable[[], int]:
+    """RSS in bytes: psutil when installed, else Linux's /proc/self/statm."""
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        return lambda: proc.memory_info().rss
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def read():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * page
+
+        return read
+
+
 class _CpuMemSampler:
     """Peak CPU memory of this process while a block runs, sampled every ``interval`` s:
     RSS, and (with glibc) the heap bytes in use. RSS misses an allocation served from
     memory an earlier call freed; the heap figure does not, so it is the one reported."""
 
     def __init__(self, interval: float = 2e-4):
-        import psutil
-
-        self._proc = psutil.Process()
+        self._rss = _rss_reader()
         self._interval = interval
         self._heap = _mallinfo2() is not None
         self._stop = threading.Event()
 
     def _read(self):
-        return self._proc.memory_info().rss, (_heap_in_use() if self._heap else 0)
+        return self._rss(), (_heap_in_use() if self._heap else 0)
 
     def __enter__(self):
         self.base_rss, self.base_heap = self._read()

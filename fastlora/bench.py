@@ -80,7 +80,7 @@ def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence
     areas = _areas(only)
     suite = find_suite()
     missing = [pip for mod, pip in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"),
-                                    ("psutil", "psutil"), ("matplotlib", "matplotlib"))
+                                    ("matplotlib", "matplotlib"))
                if importlib.util.find_spec(mod) is None]
     if missing:
         raise RuntimeError(f"fastlora bench needs {', '.join(missing)}: pip install {' '.join(missing)}")
