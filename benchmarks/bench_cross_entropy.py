@@ -10,7 +10,7 @@ backward.
   d(hidden) of ``sum(g · logp)`` for a random per-row g. Temperature 1: the peers take
   none.
 
-Providers: fastlora per backend; torch eager (the Hugging Face path: logits upcast to
+Providers: fastlora per backend (for ``ce`` also with ``inplace_backward=True``); torch eager (the Hugging Face path: logits upcast to
 fp32, ``F.cross_entropy`` / ``log_softmax().gather``); Liger-Kernel; cut-cross-entropy;
 Unsloth's CE kernel. Checked against a float64 reference computed in row chunks (the
 full float64 logits of the large preset would not fit).
@@ -38,7 +38,10 @@ def pytest_generate_tests(metafunc):
     pairs = []
     for op, peers in PEERS.items():
         for n in preset.ce_tokens:
-            for p in H.fastlora_providers(metafunc.config) + list(peers):
+            fl = H.fastlora_providers(metafunc.config)
+            if op == "ce":  # the gradient written into the logits buffer (issue 4), as Liger and Unsloth do
+                fl = fl + [f"{p}-inplace" for p in fl]
+            for p in fl + list(peers):
                 pairs.append((f"{op}-N{n}", p))
     metafunc.parametrize("case_id,provider", pairs)
 
@@ -57,8 +60,9 @@ def _case(env: H.Env, case_id: str) -> H.Case:
     dt, dev = env.dtype, env.device
     set_bytes = (N * V if op == "ce" else N * Hd + V * Hd) * dt.itemsize
     ring = []
-    # the ce case holds [N, V] logits per set: a short ring (they dwarf any cache anyway)
-    size = env.preset.ring if op == "ce" else env.ring_size(set_bytes)
+    # the ce case holds [N, V] logits per set (and each provider a private copy): the
+    # shortest ring; each set dwarfs any cache anyway
+    size = 2 if op == "ce" else env.ring_size(set_bytes)
     for k in range(size):
         s = 3000 + 10 * k
         g = H.generator(s, dev)
@@ -121,12 +125,34 @@ def _reference(inp, rows: int = 1024):
     return (loss, grad), ("loss", "dlogits" if inp.op == "ce" else "dhidden")
 
 
+_OWN: dict = {}
+
+
+def _own(inp):
+    """The inputs a provider may use. For ``ce`` that is a private copy of the logits
+    (made outside the timing): Liger, Unsloth and fastlora's in-place mode overwrite
+    the logits with their gradient, which must not reach the next provider."""
+    if inp.op != "ce":
+        return inp
+    own = types.SimpleNamespace(**{**vars(inp), "logits": inp.logits.detach().clone().requires_grad_()})
+    _OWN[id(inp)] = own
+    return own
+
+
 def _call(inp, f):
-    """f(inp) -> loss (ce, linear_ce) or per-row log-probs (logprobs); then backward."""
+    """f(inputs) -> loss (ce, linear_ce) or per-row log-probs (logprobs); then backward."""
+    inp = _own(inp)
     x = inp.logits if inp.op == "ce" else inp.hidden
+    if inp.op == "ce":
+        # the logits reach the loss as the output of an op (a view of the leaf), as an
+        # lm_head's do; in-place gradient writers refuse a leaf the caller keeps
+        per_call = lambda: types.SimpleNamespace(**{**vars(inp), "logits": x.view_as(x)})  # noqa: E731
+    else:
+        per_call = lambda: inp  # noqa: E731
 
     def call():
-        out = f(inp)
+        i = per_call()
+        out = f(i)
         (out if inp.op != "logprobs" else (out * inp.g).sum()).backward()
         return out, x.grad
 
@@ -134,7 +160,12 @@ def _call(inp, f):
 
 
 def _reset(inp):
+    inp = _OWN.get(id(inp), inp)
     (inp.logits if inp.op == "ce" else inp.hidden).grad = None
+
+
+def _forget_own():
+    _OWN.clear()
 
 
 def _eager(inp):
@@ -148,22 +179,24 @@ def _eager(inp):
 
 def _provider(env: H.Env, name: str, op: str) -> H.Provider:
     if name.startswith("fastlora-"):
-        b = name.split("-", 1)[1]
+        b = name.split("-")[1]
+        inplace = name.endswith("-inplace")
 
         def build(inp):
             H.check_backend(env, b)
             if op == "ce":
                 fn = H.fastlora_attr("cross_entropy")
-                return _call(inp, lambda i: fn(i.logits, i.labels, ignore_index=IGNORE, backend=b))
+                return _call(inp, lambda i: fn(i.logits, i.labels, ignore_index=IGNORE, inplace_backward=inplace,
+                                               backend=b))
             if op == "linear_ce":
                 fn = H.fastlora_attr("linear_cross_entropy")
                 return _call(inp, lambda i: fn(i.hidden, i.weight, i.labels, ignore_index=IGNORE, backend=b))
             fn = H.fastlora_attr("token_logprobs")
             return _call(inp, lambda i: fn(i.hidden, i.weight, i.labels, backend=b))
 
-        return H.Provider(name, "fastlora", build, _reset)
+        return H.Provider(name, "fastlora", build, _reset, _forget_own)
     if name == "torch-eager":
-        return H.Provider(name, "torch", lambda inp: _call(inp, _eager), _reset)
+        return H.Provider(name, "torch", lambda inp: _call(inp, _eager), _reset, _forget_own)
     if name == "liger":
         def build(inp):
             H.require_cuda(env, "liger-kernel")
@@ -174,7 +207,7 @@ def _provider(env: H.Env, name: str, op: str) -> H.Provider:
             loss = lt.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
             return _call(inp, lambda i: loss(i.weight, i.hidden, i.labels))
 
-        return H.Provider(name, "liger-kernel", build, _reset)
+        return H.Provider(name, "liger-kernel", build, _reset, _forget_own)
     if name == "cut-cross-entropy":
         def build(inp):
             H.require_cuda(env, "cut-cross-entropy")
@@ -183,14 +216,14 @@ def _provider(env: H.Env, name: str, op: str) -> H.Provider:
                 return _call(inp, lambda i: cce.linear_cross_entropy(i.hidden, i.weight, i.labels, ignore_index=IGNORE))
             return _call(inp, lambda i: -cce.linear_cross_entropy(i.hidden, i.weight, i.labels, reduction="none"))
 
-        return H.Provider(name, "cut-cross-entropy", build, _reset)
+        return H.Provider(name, "cut-cross-entropy", build, _reset, _forget_own)
     if name == "unsloth":
         def build(inp):
             H.require_cuda(env, "unsloth")
             ul = H.require_module("unsloth.kernels.cross_entropy_loss", "unsloth")
             return _call(inp, lambda i: ul.fast_cross_entropy_loss(i.logits[None], i.labels[None]))
 
-        return H.Provider(name, "unsloth", build, _reset)
+        return H.Provider(name, "unsloth", build, _reset, _forget_own)
     raise ValueError(f"unknown provider {name!r}")
 
 
