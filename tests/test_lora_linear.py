@@ -304,9 +304,11 @@ def test_bad_inputs():
 def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
     # Pretend every backend is available: the choice itself is what is tested here.
     import fastlora.backend as fb
+    import fastlora.ops.lora_linear as ll
     from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends
 
     monkeypatch.setattr(fb, "available", lambda b: (True, None))
+    monkeypatch.setattr(ll, "_gemv_missing", lambda: None)
     cuda = torch.device("cuda")
     T, C = Backend.TRITON, Backend.CUDA
     assert _choose_backends(cuda, 1, torch.bfloat16, None) == (C, T)
@@ -318,6 +320,13 @@ def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
     assert _choose_backends(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
     with pytest.raises(ValueError, match="no cuda backend"):
         _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
+    # an extension without the GEMV: Triton serves decode too, and says why
+    import fastlora._ext
+
+    monkeypatch.setattr(ll, "_gemv_missing", lambda: "no nf4_gemv")
+    monkeypatch.setattr(fastlora._ext, "_warned", set())  # warn_once: fresh for this check
+    with pytest.warns(RuntimeWarning, match="no nf4_gemv"):
+        assert _choose_backends(cuda, 1, torch.bfloat16, None) == (T, T)
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -453,11 +453,33 @@ def _check_nf4(wmeta, tensors, x: torch.Tensor):
             raise ValueError(f"NF4 weight storage is on {t.device} but x is on {x.device}")
 
 
+def _gemv_missing() -> Optional[str]:
+    """Why the CUDA decode GEMV cannot run, or None."""
+    from .. import _ext
+
+    why = _ext.missing_reason(cuda=True)
+    if why is None and not hasattr(_ext.load(), "nf4_gemv"):
+        why = "fastlora._C has CUDA kernels but no nf4_gemv (built without csrc/nf4_gemv_cuda.cu)"
+    return why
+
+
 def _choose_backends(device, M, dtype, backend):
     """(forward, backward) backends for the NF4 path."""
     if device.type == "cuda":
         gpu_ok = dtype in _TRITON_DTYPES
-        prefs = ([Backend.CUDA] if M <= GEMV_MAX_M and dtype != torch.float32 else []) + [Backend.TRITON]
+        prefs = [Backend.TRITON]
+        if M <= GEMV_MAX_M and dtype != torch.float32:
+            why = _gemv_missing()
+            if why is None:
+                prefs = [Backend.CUDA, Backend.TRITON]
+            else:
+                from .. import _ext
+
+                _ext.warn_once(
+                    "lora_linear:gemv",
+                    f"fastlora: lora_linear runs decode shapes (M <= {GEMV_MAX_M}) with the "
+                    f"Triton GEMM instead of the CUDA GEMV: {why}",
+                )
         fwd = select("lora_linear", device, prefs if gpu_ok else [], backend)
         if fwd is Backend.CUDA:
             # the GEMV serves x·Wᵀ only; dy·W is a GEMM over the same decode in Triton
