@@ -156,75 +156,86 @@ def ce_rows_torch(
     ``g_ent`` is): the loss is not recomputed and comes back as None.
     With ``g_loss`` (c,) given, writes dLoss/dy (each row's loss weighted by g_loss,
     plus g_ent times the entropy gradient when given) into ``grad_out`` (c, V), which
-    may be ``y`` itself. ``scratch=True`` lets the kernel use y as its work buffer
-    (when y already has the compute dtype), saving a (c, V) copy: only for buffers
-    the caller owns, such as a logits chunk.
+    may be ``y`` itself. ``scratch=True`` lets the kernel overwrite y (a buffer the
+    caller owns, such as a logits chunk), saving a (c, V) copy.
 
-    The passes are arranged to touch each (c, V) element as few times as possible:
-    x - shift and exp are done in place, and p = exp(x - m) / s becomes the gradient.
+    Written to touch each (c, V) element as few times as possible, since on CPU these
+    passes cost as much as the GEMM in bf16: one fused ``log_softmax`` (which also
+    upcasts), ``exp_`` in place, then one fused multiply-add that rounds straight into
+    ``grad_out``; only the target column is corrected afterwards, in full precision.
+    With x - E_p[x] = logp + H the entropy needs no extra copy of x.
     """
     cdt = _compute_dtype(y.dtype)
-    x = y if (scratch and y.dtype == cdt) else y.to(cdt, copy=True)
-    if scale != 1.0:
-        x.mul_(scale)
+    V = y.shape[-1]
     t = None
-    if softcap is not None:
-        x.div_(softcap).tanh_()
-        if g_loss is not None:
-            t = x.clone()  # tanh, for the softcap derivative 1 - tanh**2
-        x.mul_(softcap)
-    if inv_temp != 1.0:
-        x.mul_(inv_temp)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    forward = lse is None
-    loss = argmax = entropy = None
-    if forward:
-        x_t = x.gather(1, safe[:, None]).squeeze(1)
-        sum_x = x.sum(-1) if label_smoothing else None
-        argmax = x.argmax(-1) if want_argmax else None
-        shift = x.amax(-1)
+    if scale == 1.0 and softcap is None and inv_temp == 1.0:
+        x = y  # read as is: log_softmax / sub upcast on the fly
     else:
-        shift = lse.to(cdt)
-    x.sub_(shift[:, None])  # x - shift, in place
-    need_xs = want_entropy or g_ent is not None
-    p = torch.exp(x) if need_xs else x.exp_()
-    if forward:
-        s = p.sum(-1)
-        lse = shift + torch.log(s)
-        p.div_(s[:, None])
-        loss = lse - x_t
-        if label_smoothing:
-            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_x / x.shape[-1])
+        x = y if (scratch and y.dtype == cdt) else y.to(cdt, copy=True)
+        if scale != 1.0:
+            x.mul_(scale)
+        if softcap is not None:
+            x.div_(softcap).tanh_()
+            if g_loss is not None:
+                t = x.clone()  # tanh, for the softcap derivative 1 - tanh**2
+            x.mul_(softcap)
+        if inv_temp != 1.0:
+            x.mul_(inv_temp)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()[:, None]
+    loss = argmax = entropy = None
+    if lse is None:
+        logp = torch.log_softmax(x, -1, dtype=cdt)
+        logp_t = logp.gather(1, safe).squeeze(1)
+        # lse = x_k - logp_k, taken at the row's max where logp_k ~ 0: at the target
+        # logp_t can be -1e4 and the subtraction would cancel digits
+        top, top_idx = logp.max(-1)
+        lse = x.gather(1, top_idx[:, None]).squeeze(1).to(cdt) - top
+        loss = -logp_t
+        if label_smoothing:  # lse - mean(x) = -mean(logp)
+            loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean(-1)
         if z_loss:
             loss = loss + z_loss * lse * lse
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if need_xs and (ent is None or want_entropy):
-        # H = lse - E_p[x], with E_p[x] = E_p[x - shift] + shift
-        entropy = lse - ((p * x).sum(-1) + shift)
+        if want_argmax:
+            argmax = top_idx
+    else:
+        lse = lse.to(cdt)
+        logp = torch.sub(x, lse[:, None]).to(cdt)
+    if want_entropy or (g_ent is not None and ent is None):
+        entropy = -(torch.exp(logp) * logp).sum(-1)
         if ent is None:
             ent = entropy
-    if g_loss is not None:
-        V = x.shape[-1]
-        g = torch.where(valid, g_loss.to(cdt), torch.zeros((), dtype=cdt, device=x.device))
-        e_term = None
-        if g_ent is not None:
-            # dH/dx_k = -p_k (x_k - E[x]); x_k - E[x] = (x_k - shift) + shift - lse + H
-            e_term = p * (x + (shift - lse + ent)[:, None]) * g_ent.to(cdt)[:, None]
-        d = p.mul_((g * (1 + 2 * z_loss * lse))[:, None])
-        if label_smoothing:
-            d.sub_((g * (label_smoothing / V))[:, None])
-        d.scatter_add_(1, safe[:, None], -(g * (1 - label_smoothing))[:, None])
-        if e_term is not None:
-            d.sub_(e_term)
-        if inv_temp != 1.0:
-            d.mul_(inv_temp)
-        if t is not None:
-            d.mul_(t.mul_(t).neg_().add_(1))
-        if scale != 1.0:
-            d.mul_(scale)
-        if grad_out.data_ptr() != d.data_ptr() or grad_out.dtype != d.dtype:
-            grad_out.copy_(d)
+    if g_loss is None:
+        return loss, lse, entropy, argmax
+    chain = scale * inv_temp  # dx/dy, apart from the softcap factor
+    g = torch.where(valid, g_loss.to(cdt), torch.zeros((), dtype=cdt, device=logp.device))
+    coef = g * (1 + 2 * z_loss * lse) * chain
+    smooth = g * (label_smoothing / V) * chain
+    hit = g * (1 - label_smoothing) * chain
+    e_term = None
+    if g_ent is not None:
+        # dH/dx = -p (x - E_p[x]) = -p (logp + H)
+        e_term = torch.exp(logp).mul_(logp + ent[:, None]).mul_((g_ent.to(cdt) * chain)[:, None])
+    p = logp.exp_()
+    if t is None and e_term is None:
+        p_t = p.gather(1, safe)
+        torch.addcmul((-smooth)[:, None], p, coef[:, None], out=grad_out)
+        # the target column in full precision: p_t - 1 must not cancel in bf16
+        d_t = p_t * coef[:, None] - (smooth + hit)[:, None]
+        # index_put_, not scatter_: scatter_ on bf16 costs a full pass over the rows
+        rows = torch.arange(safe.shape[0], device=safe.device)
+        grad_out.index_put_((rows, safe[:, 0]), d_t[:, 0].to(grad_out.dtype))
+        return loss, lse, entropy, argmax
+    d = p.mul_(coef[:, None])
+    if label_smoothing:
+        d.sub_(smooth[:, None])
+    d.scatter_add_(1, safe, -hit[:, None])
+    if e_term is not None:
+        d.sub_(e_term)
+    if t is not None:
+        d.mul_(t.mul_(t).neg_().add_(1))
+    grad_out.copy_(d)
     return loss, lse, entropy, argmax
 
 
