@@ -255,9 +255,84 @@ inline void scalar_lut(const float* code, float scale, int out_dtype, T* lut) {
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTLORA_HAVE_AVX512_PATH 1
+// AVX-512 (F + BW), chosen at run time. vpermps / vpermw look 16 nibbles up in a 16-entry
+// table in one instruction each, so there are no byte planes to build or recombine: the
+// table is just the 16 rounded products in one register.
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) std::int64_t expand_avx512(const std::uint8_t* in, std::int64_t nbytes,
+                                                                       const float* code, float scale,
+                                                                       int out_dtype, T* out) {
+  const __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+  const __m512i low4 = _mm512_set1_epi32(15);
+  std::int64_t j = 0;
+  if constexpr (sizeof(T) == 4) {
+    // byte i's nibbles sit in lane i of h (high) and l (low); interleave them into
+    // element order: 2i <- h[i], 2i+1 <- l[i].
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (; j + 16 <= nbytes; j += 16) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j)));
+      const __m512i h = _mm512_srli_epi32(b, 4), l = _mm512_and_si512(b, low4);
+      float* o = reinterpret_cast<float*>(out + 2 * j);
+      _mm512_storeu_ps(o, _mm512_permutexvar_ps(_mm512_permutex2var_epi32(h, first, l), prod));
+      _mm512_storeu_ps(o + 16, _mm512_permutexvar_ps(_mm512_permutex2var_epi32(h, second, l), prod));
+    }
+  } else {
+    __m256i table16;  // the 16 rounded 16-bit values
+    if (out_dtype == nf4::kBFloat16) {
+      const __m512i u = _mm512_castps_si512(prod);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+      table16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    } else {
+      table16 = _mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i table = _mm512_castsi256_si512(table16);  // only lanes 0..15 are indexed
+    for (; j + 16 <= nbytes; j += 16) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j)));
+      // 32-bit lane i = hi | lo << 16: as 16-bit lanes, the nibbles in element order.
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, low4), 16));
+      _mm512_storeu_si512(out + 2 * j, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+  return j;
+}
+#endif
+
+// Instruction sets of the dequantize kernel; tests force each one.
+enum Isa : int { kIsaAuto = -1, kIsaScalar = 0, kIsaSse41 = 1, kIsaAvx512 = 2 };
+
+bool isa_available(int isa) {
+  switch (isa) {
+    case kIsaScalar:
+      return true;
+    case kIsaSse41:
+#if defined(__SSE4_1__)
+      return true;
+#else
+      return false;
+#endif
+    case kIsaAvx512:
+#ifdef FASTLORA_HAVE_AVX512_PATH
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+      return false;
+#endif
+    default:
+      return false;
+  }
+}
+
+int best_isa() {
+  static const int best = isa_available(kIsaAvx512) ? kIsaAvx512 : isa_available(kIsaSse41) ? kIsaSse41 : kIsaScalar;
+  return best;
+}
+
 template <typename T>
 void dequantize_impl(const std::uint8_t* packed, const BlockScales& scale_of, const float* code, std::int64_t n,
-                     std::int64_t bs, T* out, int out_dtype) {
+                     std::int64_t bs, T* out, int out_dtype, int isa) {
   const std::int64_t nblocks = (n + bs - 1) / bs;
 #if defined(__SSE4_1__)
   static const bool has_f16c = __builtin_cpu_supports("f16c");
@@ -270,9 +345,12 @@ void dequantize_impl(const std::uint8_t* packed, const BlockScales& scale_of, co
     T* o = out + e0;
     const float scale = scale_of(b);
     std::int64_t done = 0;
+#ifdef FASTLORA_HAVE_AVX512_PATH
+    if (isa == kIsaAvx512) done = expand_avx512(in, full_bytes, code, scale, out_dtype, o);
+#endif
 #if defined(__SSE4_1__)
-    done = full_bytes & ~std::int64_t{15};
-    if (done) {
+    if (isa == kIsaSse41 && full_bytes >= 16) {
+      done = full_bytes & ~std::int64_t{15};
       Tables t;
       if constexpr (sizeof(T) == 4) {
         tables_f32(code, scale, t);
@@ -288,8 +366,8 @@ void dequantize_impl(const std::uint8_t* packed, const BlockScales& scale_of, co
         expand16(in, done, t, o);
       }
     }
-    if (done == full_bytes && !(ne & 1)) return;
 #endif
+    if (done == full_bytes && !(ne & 1)) return;
     T lut[16];  // the last, partial block (or no SIMD): a scalar table
     scalar_lut(code, scale, out_dtype, lut);
     expand_scalar(in + done, full_bytes - done, lut, o + 2 * done);
@@ -300,23 +378,22 @@ void dequantize_impl(const std::uint8_t* packed, const BlockScales& scale_of, co
 void nf4_dequantize_cpu(std::uintptr_t packed, std::uintptr_t absmax, std::uintptr_t code,
                         std::uintptr_t s2_absmax, std::uintptr_t s2_code, float offset, bool nested,
                         std::int64_t n, std::int64_t blocksize, std::int64_t s2_blocksize,
-                        std::uintptr_t out, int out_dtype) {
+                        std::uintptr_t out, int out_dtype, int isa) {
+  if (isa == kIsaAuto) isa = best_isa();
+  if (!isa_available(isa))
+    throw std::invalid_argument("nf4_dequantize_cpu: instruction set " + std::to_string(isa) +
+                                " is not available on this CPU/build");
   const BlockScales am{reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(s2_absmax),
                        reinterpret_cast<const float*>(s2_code), offset, nested, s2_blocksize};
   const auto* p = reinterpret_cast<const std::uint8_t*>(packed);
   const auto* c = reinterpret_cast<const float*>(code);
   switch (out_dtype) {
     case nf4::kFloat32:
-      dequantize_impl<std::uint32_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint32_t*>(out),
-                                     out_dtype);
+      dequantize_impl<std::uint32_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint32_t*>(out), out_dtype, isa);
       break;
     case nf4::kFloat16:
-      dequantize_impl<std::uint16_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
-                                     out_dtype);
-      break;
     case nf4::kBFloat16:
-      dequantize_impl<std::uint16_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint16_t*>(out),
-                                     out_dtype);
+      dequantize_impl<std::uint16_t>(p, am, c, n, blocksize, reinterpret_cast<std::uint16_t*>(out), out_dtype, isa);
       break;
     default:
       throw std::invalid_argument("nf4_dequantize_cpu: unknown output dtype code " + std::to_string(out_dtype));
@@ -420,7 +497,12 @@ static void nf4_cpu_bind(pybind11::module_& m) {
   using namespace fastlora;
   m.def("nf4_dequantize_cpu", &nf4_dequantize_cpu, py::call_guard<py::gil_scoped_release>(),
         "NF4 dequantize (CPU): packed, absmax, code, state2_absmax, state2_code, offset, nested, n, "
-        "blocksize, state2_blocksize, out, out_dtype (0 f32, 1 f16, 2 bf16)");
+        "blocksize, state2_blocksize, out, out_dtype (0 f32, 1 f16, 2 bf16), isa (-1 best, 0 scalar, "
+        "1 SSE4.1, 2 AVX-512)",
+        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("state2_absmax"), py::arg("state2_code"),
+        py::arg("offset"), py::arg("nested"), py::arg("n"), py::arg("blocksize"), py::arg("state2_blocksize"),
+        py::arg("out"), py::arg("out_dtype"), py::arg("isa") = -1);
+  m.def("nf4_cpu_isa_available", &isa_available, "whether the dequantize kernel can use an instruction set");
   m.def("nf4_quantize_cpu", &nf4_quantize_cpu, py::call_guard<py::gil_scoped_release>(),
         "NF4 quantize (CPU): input, in_dtype, n, blocksize, packed_out, absmax_out");
   m.def("nf4_quantize_stats_cpu", &nf4_quantize_stats_cpu, py::call_guard<py::gil_scoped_release>(),

@@ -477,3 +477,34 @@ def test_dequantize_under_torch_compile():
 
     out = f(q.packed, q.absmax, q.state2_absmax, q.offset)
     assert_bits_equal(out, q.dequantize(backend="reference") * 2)
+
+
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "sse4.1", "avx512"])
+def test_cpp_dequantize_every_instruction_set(isa):
+    # The kernel dispatches to the best instruction set of the CPU at run time; force each
+    # one the CPU has, so that all of them are checked against the reference here.
+    ext = _ext.load()
+    if not ext.nf4_cpu_isa_available(isa):
+        pytest.skip(f"instruction set {isa} not available on this CPU/build")
+    g = torch.Generator().manual_seed(9)
+    for (n_out, n_in), bs, nested in itertools.product(((7, 130), (5, 63), (64, 256)), (32, 64, 256), (False, True)):
+        n = n_out * n_in
+        nb = -(-n // bs)
+        packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, generator=g)
+        scales = torch.exp2(torch.randint(-40, 21, (nb,), generator=g).float()) * (1 + torch.rand(nb, generator=g))
+        if nested:
+            w = NF4Weight(
+                packed, torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=g), (n_out, n_in), torch.bfloat16,
+                bs, offset=torch.tensor(0.5), state2_absmax=scales[: -(-nb // 256)], state2_code=dynamic_code(),
+            )  # fmt: skip
+        else:
+            w = NF4Weight(packed, scales, (n_out, n_in), torch.bfloat16, bs)
+        for code, out_dtype in enumerate(DTYPES):
+            out = torch.empty(n_out, n_in, dtype=out_dtype)
+            ext.nf4_dequantize_cpu(
+                w.packed.data_ptr(), w.absmax.data_ptr(), w.code.data_ptr(),
+                w.state2_absmax.data_ptr() if nested else 0, w.state2_code.data_ptr() if nested else 0,
+                float(w.offset) if nested else 0.0, nested, n, bs, 256, out.data_ptr(), code, isa,
+            )  # fmt: skip
+            expected = formula_dequantize(packed, w.absmax_f32(), bs, (n_out, n_in), out_dtype)
+            assert_bits_equal(out, expected, f"isa {isa} {(n_out, n_in)} bs {bs} nested {nested} {out_dtype}")
