@@ -423,3 +423,13 @@ def test_triton_rounds_to_weight_dtype_first():
     weight, dense = make_nf4(N, K, dtype=torch.bfloat16, device=dev)
     x, A, B, b = make_inputs((17,), torch.float32, device=dev)
     check(x, weight, dense, A, B, b, backend="triton", tol=(1e-5, 2e-5))
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_blocksizes(backend, blocksize):
+    # blocks of 128 and 256 span rows of K = 200 (and 32 never does)
+    dev = device_for(backend)
+    weight, dense = make_nf4(N, K, blocksize=blocksize, device=dev)
+    x, A, B, b = make_inputs((3,), torch.float32, device=dev)
+    check(x, weight, dense, A, B, b, backend=backend)
