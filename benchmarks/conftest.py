@@ -110,6 +110,7 @@ def pytest_sessionfinish(session, exitstatus):
         "rounds": e.preset.rounds if e else None,
         "loadavg_1min": {"start": _SESSION.get("load_start"), "end": _loadavg()},
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-report-", suffix=".json")

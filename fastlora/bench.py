@@ -194,6 +194,7 @@ def write_results(bench: dict, report: dict, *, preset: str, areas: Iterable[str
         "rounds": report.get("rounds"),
         "loadavg_1min": report.get("loadavg_1min"),
         "cpu_count": report.get("cpu_count"),
+        "torch_threads": report.get("torch_threads"),
         "checks": report.get("checks", []),
         "skipped": report.get("skipped", []),
         "failed": report.get("failed", []),
@@ -315,7 +316,8 @@ def markdown(bench: dict) -> str:
     load = m.get("loadavg_1min") or {}
     if m.get("device_type") == "cpu" and load.get("start") is not None:
         out.append(f"- 1-minute load average at start / end: {load.get('start')} / {load.get('end')} on "
-                   f"{m.get('cpu_count')} CPUs (a load above the CPU count means the timings were shared)")
+                   f"{m.get('cpu_count')} CPUs (a load above the CPU count means the timings were shared); "
+                   f"torch intra-op threads: {m.get('torch_threads')}")
     out += [
         "",
         "Time is the median after warm-up (CUDA events on GPU, perf_counter on CPU), rotating through "
