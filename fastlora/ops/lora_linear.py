@@ -258,9 +258,10 @@ def _nf4_storage(w):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Inputs: x2d ``(M, K)``, the weight's tensors, A ``(r, K)``, B ``(N, r)``, bias
-    ``(N,)`` or None. The weight is either dense (``dense``) or NF4 (``packed``,
-    ``absmax``, ``code`` with ``meta``).
+    """Inputs: x2d ``(M, K)``; ``dense`` (the plain ``(N, K)`` weight, or None); A
+    ``(r, K)``; B ``(N, r)``; bias ``(N,)`` or None; ``meta`` (scaling, dropout p, the
+    weight's shape/blocksize/dtype, forward and backward backends); then, for an NF4
+    weight, its storage tensors as :func:`_nf4_storage` lists them.
 
     With ``xd = dropout(x) = x⊙m/(1-p)``, ``xa = xd·Aᵀ`` and
     ``y = x·Wᵀ + s·xa·Bᵀ + b``, for upstream ``dy``:
