@@ -27,6 +27,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default="auto", choices=["auto", "cpu", "cuda"],
                 help="device to benchmark on (auto: cuda when present)")
     g.addoption("--bench-report", default=None, help="write checks, skips and ceilings to this JSON file")
+    g.addoption("--bench-threads", type=int, default=None,
+                help="torch intra-op threads (torch.set_num_threads); on a CPU shared with other work "
+                     "one thread avoids stalls at every parallel barrier")
     g.addoption("--bench-rounds", type=int, default=None,
                 help="timed rounds per op benchmark (default: the preset's); more rounds steady a busy CPU")
 
@@ -43,6 +46,11 @@ def pytest_configure(config):
         )
     if preset.cuda_only and dev == "cpu":
         raise pytest.UsageError(f"--preset {preset.name} is for GPUs; it cannot run with --bench-device cpu")
+    threads = config.getoption("--bench-threads")
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--bench-threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
