@@ -234,6 +234,9 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     if resume_from is None:
         t_eval = time.perf_counter()
         before: dict[str, Any] = {}
+        if test_items or cfg.measure_forgetting:
+            log(f"evaluating before training: {len(test_items)} test examples"
+                + (", general QA and perplexity" if cfg.measure_forgetting else ""))
         if test_items:
             acc, _ = ev.task_accuracy(model, tokenizer, test_items, parse=data["parse"],
                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
@@ -330,6 +333,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
 
     # ---- after training
     adapter_dir = ckpt.save_adapter(model, out / "adapter")
+    log(f"adapter saved to {adapter_dir}; evaluating after training")
     t_eval = time.perf_counter()
     final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step) if eval_ex else {}
     after: dict[str, Any] = {}

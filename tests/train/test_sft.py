@@ -186,7 +186,7 @@ def test_early_stopping_and_packing(tiny_model_dir, chat_jsonl, tmp_path):
     assert summary["steps"] == 3 == len(seen)  # first eval sets the best, two more without improvement
 
 
-@pytest.mark.parametrize("case", ["missing_data", "missing_model", "bad_targets", "bad_format"])
+@pytest.mark.parametrize("case", ["missing_data", "missing_model", "bad_targets", "bad_format", "empty"])
 def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_model_dir, chat_jsonl, tmp_path):
     from fastlora.train import sft
 
@@ -201,9 +201,12 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_model_dir, chat_j
     elif case == "bad_targets":
         kw["target_modules"] = ["qkv", "q_proj"]
         err, match = ValueError, r"\['qkv'\].*q_proj"
-    else:
+    elif case == "bad_format":
         kw["data_format"] = "alpaca"
         err, match = ValueError, "instruction"
+    else:
+        kw["max_length"] = 4  # every answer is cut off: nothing left to train
+        err, match = ValueError, "empty after filtering"
     with pytest.raises(err, match=match):
         sft(_run_cfg(tiny_model_dir, chat_jsonl, out, **kw))
     assert not out.exists()
