@@ -210,7 +210,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _nf4_dequantize_impl(
+def _dequantize_into(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,
@@ -221,13 +221,18 @@ def _nf4_dequantize_impl(
     shape: list[int],
     dtype: torch.dtype,
     backend: str,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    # ``out`` (eager calls only; the registered op always allocates) is a checked,
+    # contiguous buffer of ``shape`` and ``dtype`` to write into.
     b = Backend(backend)
     n = math.prod(shape)
     if b is Backend.REFERENCE:
         a = _reference_decode_absmax(absmax, state2_absmax, state2_code, offset, STATE2_BLOCKSIZE)
-        return _reference_dequantize(packed, a, code, blocksize, shape, dtype)
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+        ref = _reference_dequantize(packed, a, code, blocksize, shape, dtype)
+        return ref if out is None else out.copy_(ref)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     if n == 0:
         return out
     if b is Backend.TRITON:
@@ -254,6 +259,23 @@ def _nf4_dequantize_impl(
             )  # fmt: skip
         return out
     raise ValueError(f"nf4_dequantize: unknown backend {backend!r}")
+
+
+def _nf4_dequantize_impl(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    state2_absmax: Optional[torch.Tensor],
+    state2_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    return _dequantize_into(
+        packed, absmax, code, state2_absmax, state2_code, offset, blocksize, shape, dtype, backend
+    )  # fmt: skip
 
 
 _nf4_dequantize_op = torch.library.custom_op("fastlora::nf4_dequantize", _nf4_dequantize_impl, mutates_args=())
@@ -479,20 +501,43 @@ class NF4Weight:
             self.absmax, self.state2_absmax, self.state2_code, self.offset, self.state2_blocksize
         )
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None, *, backend=None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: Optional[torch.dtype] = None, *, out: Optional[torch.Tensor] = None, backend=None
+    ) -> torch.Tensor:
         """The weight as a dense ``[out_features, in_features]`` tensor in ``dtype``
-        (default: the original dtype). Bit-exact with ``bitsandbytes.functional.dequantize_4bit``."""
+        (default: the original dtype, or ``out.dtype``). Bit-exact with
+        ``bitsandbytes.functional.dequantize_4bit``.
+
+        ``out``: an optional contiguous ``[out_features, in_features]`` buffer on the
+        weight's device to write into and return. Reusing one saves the allocation, which on
+        CPU (fresh pages) costs far more than the dequantize itself for large weights.
+        """
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"NF4Weight.dequantize: out must be a tensor, got {type(out).__name__}")
+            if dtype is not None and dtype != out.dtype:
+                raise TypeError(f"NF4Weight.dequantize: dtype {dtype} does not match out.dtype {out.dtype}")
+            if out.shape != self.shape or out.device != self.device or not out.is_contiguous():
+                raise ValueError(
+                    f"NF4Weight.dequantize: out must be a contiguous tensor of shape {tuple(self.shape)} on "
+                    f"{self.device}, got shape {tuple(out.shape)} on {out.device}"
+                    f"{'' if out.is_contiguous() else ' (not contiguous)'}"
+                )
+            dtype = out.dtype
         dtype = self.dtype if dtype is None else dtype
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not one of {_FLOAT_DTYPES}")
         _check_device(self.device, "NF4Weight.dequantize")
         b = _select("nf4_dequantize", self.device, backend)
         packed = self.packed if self.packed.is_contiguous() else self.packed.contiguous()
-        op = _nf4_dequantize_impl if _eager(packed) else _nf4_dequantize_op
-        return op(
+        args = (
             packed, self.absmax, self.code, self.state2_absmax, self.state2_code, self.offset,
             self.blocksize, list(self.shape), dtype, b.value,
         )  # fmt: skip
+        if _eager(packed):
+            return _dequantize_into(*args, out=out)
+        result = _nf4_dequantize_op(*args)
+        return result if out is None else out.copy_(result)
 
     # -- conversions ----------------------------------------------------------------------------
     @classmethod

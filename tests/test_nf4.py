@@ -18,8 +18,9 @@ pytestmark = requires_bnb
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (out, in): odd n, n smaller than a block, rows that are not a multiple of any block,
-# and more than 256 blocks at blocksize 64 so the nested statistics have two blocks.
-SHAPES = ((1, 7), (33, 65), (301, 257), (128, 512), (24, 2048))
+# rows that blocks tile exactly, and more than 256 blocks at blocksizes 32/64 so the nested
+# statistics have several blocks (a partial last one: test_quantize_nested_statistics_*).
+SHAPES = ((1, 7), (33, 65), (45, 129), (128, 512), (24, 2048))
 
 # Every CPU backend runs on every case. The C++ kernels must be built (`make test` builds
 # them): a missing extension fails these tests rather than skipping them.
@@ -361,7 +362,11 @@ def test_triton_bit_exact_with_bnb(dtype, blocksize, double_quant):
 
 
 @requires_triton
-@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings(
+    # numpy (the interpreter) warns where the kernel divides by a zero absmax or rounds
+    # to fp16 inf on purpose; the results are checked bit for bit below.
+    "ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning"
+)
 def test_triton_zero_constant_and_rounding_edges():
     w = make_weight((4, 96), torch.float16)
     w[1] = 0
@@ -508,3 +513,19 @@ def test_cpp_dequantize_every_instruction_set(isa):
             )  # fmt: skip
             expected = formula_dequantize(packed, w.absmax_f32(), bs, (n_out, n_in), out_dtype)
             assert_bits_equal(out, expected, f"isa {isa} {(n_out, n_in)} bs {bs} nested {nested} {out_dtype}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dequantize_into_out_buffer(backend):
+    q = quantize_nf4(make_weight((9, 96), torch.bfloat16), 32, True, backend="reference")
+    for dtype in DTYPES:
+        out = torch.full((9, 96), float("nan"), dtype=dtype)
+        res = q.dequantize(out=out, backend=backend)
+        assert res.data_ptr() == out.data_ptr()
+        assert_bits_equal(out, q.dequantize(dtype, backend="reference"), f"out {dtype}")
+    with pytest.raises(ValueError, match=r"shape \(9, 96\)"):
+        q.dequantize(out=torch.empty(96, 9), backend=backend)
+    with pytest.raises(ValueError, match="not contiguous"):
+        q.dequantize(out=torch.empty(96, 9).t(), backend=backend)
+    with pytest.raises(TypeError, match="does not match"):
+        q.dequantize(torch.float16, out=torch.empty(9, 96), backend=backend)
