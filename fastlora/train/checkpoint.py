@@ -117,12 +117,14 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume: bool) -> Path | N
         found = latest_checkpoint(d)
         if found is not None:
             return found
-        if holds_run(d):
+        finished = [m for m in ("adapter", "summary.json") if (d / m).exists()]
+        if finished:
             raise ValueError(
-                f"--resume: output dir {str(d)!r} holds a run but no complete checkpoint to resume from "
-                f"(checkpoints are written every save_every steps); choose another --output-dir to start over"
+                f"--resume: output dir {str(d)!r} holds a finished run ({', '.join(finished)}) and no checkpoint "
+                f"to resume from; choose another --output-dir"
             )
-        return None  # nothing to resume: start fresh, so scripts can always pass --resume
+        # Nothing to resume (a fresh dir, or a run stopped before its first checkpoint): start over.
+        return None
     if holds_run(d):
         present = ", ".join(m for m in _RUN_MARKERS if (d / m).exists())
         raise ValueError(
@@ -133,10 +135,35 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume: bool) -> Path | N
 
 
 def init_output_dir(output_dir: str | os.PathLike, run_info: dict) -> Path:
+    """Create the dir for a fresh run (after :func:`check_output_dir` allowed it)."""
     d = Path(output_dir)
     d.mkdir(parents=True, exist_ok=True)
     write_json_atomic(d / RUN_FILE, run_info)
+    # A run stopped before its first checkpoint may have left metrics: they belong to no run now.
+    write_text_atomic(d / "metrics.jsonl", "")
     return d
+
+
+# Options that may change between a run and its resumption; any other change would make
+# the resumed run a different run (other data, model, order or schedule).
+RESUMABLE_CHANGES = frozenset({"resume", "progress", "save_every", "keep_checkpoints", "log_every", "eval_batch_size",
+                               "cache_dir", "patch", "device"})
+
+
+def check_resume_config(output_dir: str | os.PathLike, config: dict) -> None:
+    """Refuse to resume a run with options that change what it computes."""
+    run_file = Path(output_dir) / RUN_FILE
+    if not run_file.is_file():
+        return
+    try:
+        old = json.loads(run_file.read_text()).get("config", {})
+    except json.JSONDecodeError:
+        return
+    changed = sorted(k for k in config if k in old and k not in RESUMABLE_CHANGES and old[k] != config[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {config[k]!r}" for k in changed)
+        raise ValueError(f"--resume: the run in {str(output_dir)!r} was started with other options ({diffs}); "
+                         f"resume with the same options or choose another --output-dir")
 
 
 # ------------------------------------------------------------------- checkpoints

@@ -159,6 +159,8 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
 
     # ---- checks that write nothing: output dir, data files, model path
     resume_from = ckpt.check_output_dir(out, resume=cfg.resume)
+    if resume_from is not None:
+        ckpt.check_resume_config(out, cfg.to_dict())
     data = load_data(cfg)
     from .model import (add_lora, apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
                         resolve_model_path)
@@ -208,6 +210,8 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     patch_report = apply_patch(model, cfg.patch)
+    if patch_report:
+        log(patch_report["text"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)

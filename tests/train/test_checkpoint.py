@@ -81,7 +81,11 @@ def test_output_dir_holding_a_run_is_refused_and_untouched(tmp_path):
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(ValueError, match=r"already holds a run.*--resume"):
         ckpt.check_output_dir(run, resume=False)
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    # Stopped before its first checkpoint: --resume starts it over.
+    assert ckpt.check_output_dir(run, resume=True) is None
+    (run / "summary.json").write_text("{}")
+    before["summary.json"] = b"{}"
+    with pytest.raises(ValueError, match="finished run"):
         ckpt.check_output_dir(run, resume=True)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     # An empty or missing dir, and --resume on a fresh dir, start fresh.
@@ -92,6 +96,13 @@ def test_output_dir_holding_a_run_is_refused_and_untouched(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         ckpt.check_output_dir(tmp_path / "file", resume=False)
+
+
+def test_resume_refuses_changed_options(tmp_path):
+    ckpt.init_output_dir(tmp_path, {"config": {"lr": 1e-3, "seed": 0, "progress": True}})
+    ckpt.check_resume_config(tmp_path, {"lr": 1e-3, "seed": 0, "progress": False})  # display only: fine
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        ckpt.check_resume_config(tmp_path, {"lr": 1e-3, "seed": 1, "progress": True})
 
 
 def test_write_dir_atomic_keeps_old_content_on_failure(tmp_path):
