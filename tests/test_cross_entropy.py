@@ -8,7 +8,7 @@ import torch
 import fastlora
 from fastlora.backend import Backend
 from fastlora.ops import cross_entropy as ce_mod
-from tests.helpers import TOL, assert_close, requires_triton
+from tests.helpers import assert_close, requires_triton
 
 ref = ce_mod._reference
 

@@ -30,8 +30,6 @@ and their dispatch, ``torch.library`` ops, ``autograd.Function``, functional.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..backend import Backend, select
