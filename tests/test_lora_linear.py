@@ -403,6 +403,10 @@ def test_bf16_gpu_auto(M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [K, 256])  # scalar path (K % 32 != 0) and vector path
 def test_cuda_gemv(M, dtype, k):
+    from fastlora.ops.lora_linear import _gemv_missing
+
+    if _gemv_missing() is not None:
+        pytest.skip(f"CUDA GEMV not built: {_gemv_missing()}")
     weight, dense = make_nf4(N, k, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator().manual_seed(10)
     x = torch.randn(M, k, generator=g).to("cuda", dtype)

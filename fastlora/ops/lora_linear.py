@@ -214,7 +214,10 @@ def _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias):
     """Decode-sized ``x·Wᵀ (+ bias)`` by the CUDA kernel of csrc/nf4_gemv_cuda.cu."""
     from .. import _ext
 
-    ext = _ext.require("the NF4 decode GEMV", cuda=True)
+    why = _gemv_missing()
+    if why is not None:
+        raise RuntimeError(f"the NF4 decode GEMV cannot run: {why}")
+    ext = _ext.load()
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
