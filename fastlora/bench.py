@@ -112,6 +112,11 @@ def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence
     paths = write_results(bench, report, preset=preset, areas=areas, results_dir=out_dir, root=root,
                           command=" ".join(["fastlora", "bench", "--preset", preset]
                                            + (["--only", ",".join(areas)] if only is not None else [])))
+    checks = report.get("checks", [])
+    bad = sum(1 for c in checks if not c.get("passed"))
+    print(f"fastlora bench: {len(bench.get('benchmarks', []))} results timed; equal-result checks: "
+          f"{len(checks) - bad} passed, {bad} failed; {len(report.get('skipped', []))} skipped with a reason; "
+          f"{len(report.get('failed', []))} failed")
     for p in paths:
         print(f"fastlora bench: wrote {p}")
     return rc
