@@ -16,6 +16,17 @@ functions here are the spec and the test oracle; the backends are dispatched thr
 ``fastlora.backend.select`` inside ``torch.library`` custom ops (with fake kernels), so
 ``torch.compile`` sees one opaque op. bitsandbytes is imported lazily, only by
 ``to_bnb`` (``from_bnb`` reads attributes and never imports it).
+
+What "bit-exact" means where bitsandbytes disagrees with itself (0.50.2, measured):
+* Double quantization: bitsandbytes' CPU kernel rounds the statistics to the 8-bit
+  dynamic map with an approximate search (thresholds off the midpoints), and its CUDA
+  kernel with midpoint rounding, so the two devices give different uint8 statistics. We
+  follow the CPU kernel on every device (``_STATS8_THRESHOLD_BITS``): that is what the
+  test oracle runs. The offset is torch's ``absmax.mean()`` on the weight's device, as in
+  bitsandbytes.
+* bitsandbytes' AVX-512 CPU ``dequantize_4bit`` returns wrong values when blocks do not
+  tile the rows (``in_features % blocksize != 0`` with even ``in_features``, blocksize <
+  2048); its default (pure torch) kernel, and ours, follow the format.
 """
 from __future__ import annotations
 
@@ -573,15 +584,17 @@ class NF4Weight:
         shape = torch.Size(qs.shape)
         if len(shape) != 2:
             raise ValueError(f"NF4Weight.from_bnb: quant_state.shape {tuple(shape)} is not 2-D")
+        # A plain tensor view of the bytes; Params4bit's __torch_function__ would make
+        # every later call on the parameter itself slow (this runs on every forward).
+        data = packed if type(packed) is torch.Tensor else packed.data
         n = shape.numel()
-        itemsize = packed.element_size()
+        itemsize = data.element_size()
         expected = (n + 1) // (2 * itemsize) if itemsize > 1 else (n + 1) // 2
-        if packed.numel() != expected or packed.numel() * itemsize < (n + 1) // 2:
+        if data.numel() != expected or data.numel() * itemsize < (n + 1) // 2:
             raise ValueError(
-                f"NF4Weight.from_bnb: packed data has shape {tuple(packed.shape)} ({packed.dtype}) "
+                f"NF4Weight.from_bnb: packed data has shape {tuple(data.shape)} ({data.dtype}) "
                 f"but quant_state.shape {tuple(shape)} needs {(n + 1) // 2} bytes"
             )
-        data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
         state2 = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
         return cls(
             data, qs.absmax, shape, qs.dtype, qs.blocksize, code=qs.code,
