@@ -17,13 +17,16 @@ import torch
 from benchmarks import harness as H
 
 OUT_DTYPE = torch.bfloat16
-PEERS = ("bitsandbytes", "torch-eager", "unsloth")
+# "-out" variants write into one buffer reused across calls (as Unsloth's global buffer
+# does): no fresh output allocation, which on CPU means no first-touch page faults
+PEERS = ("bitsandbytes", "bitsandbytes-out", "torch-eager", "unsloth")
 
 
 def pytest_generate_tests(metafunc):
     preset = H.PRESETS[metafunc.config.getoption("--preset")]
     cases = [f"{o}x{i}" for o, i in preset.nf4_shapes]
-    provs = H.fastlora_providers(metafunc.config) + list(PEERS)
+    fl = H.fastlora_providers(metafunc.config)
+    provs = fl + [f"{p}-out" for p in fl] + list(PEERS)
     metafunc.parametrize("case_id,provider", [(c, p) for c in cases for p in provs])
 
 
@@ -51,15 +54,42 @@ def _case(env: H.Env, case_id: str) -> H.Case:
 
 
 def _provider(env: H.Env, name: str) -> H.Provider:
+    buffers: dict = {}
+
+    def buffer(qs):  # one output buffer per shape, shared by the ring
+        key = tuple(qs.shape)
+        if key not in buffers:
+            buffers[key] = torch.empty(key, dtype=OUT_DTYPE, device=env.device)
+        return buffers[key]
+
     if name.startswith("fastlora-"):
-        b = name.split("-", 1)[1]
+        b = name.split("-")[1]
+        reuse = name.endswith("-out")
 
         def build(inputs):
             H.check_backend(env, b)
             W = H.fastlora_attr("NF4Weight").from_bnb(inputs)
+            if reuse:
+                out = buffer(inputs[1])
+                return lambda: (W.dequantize(OUT_DTYPE, out=out, backend=b),)
             return lambda: (W.dequantize(OUT_DTYPE, backend=b),)
 
         return H.Provider(name, "fastlora", build)
+    if name == "bitsandbytes-out":
+        def build(inputs):
+            F = H.require_module("bitsandbytes.functional", "bitsandbytes")
+            packed, qs = inputs
+            out = buffer(qs)
+
+            def call():
+                try:
+                    return (F.dequantize_4bit(packed, qs, out=out),)
+                except NotImplementedError as e:
+                    raise H.Unavailable(f"bitsandbytes has no dequantize_4bit(out=) here: {str(e)[:120]}") from None
+
+            return call
+
+        return H.Provider(name, "bitsandbytes", build)
     if name == "bitsandbytes":
         def build(inputs):
             F = H.require_module("bitsandbytes.functional", "bitsandbytes")
