@@ -20,7 +20,7 @@ functions here are the spec and the test oracle; the backends are dispatched thr
 What "bit-exact" means where bitsandbytes disagrees with itself (0.50.2, measured):
 * Double quantization: bitsandbytes' CPU kernel rounds the statistics to the 8-bit
   dynamic map with an approximate search (thresholds off the midpoints), and its CUDA
-  kernel with midpoint rounding, so the two devices give different uint8 statistics. We
+  kernel (per its source; not run here) with midpoint rounding, so the devices differ. We
   follow the CPU kernel on every device (``_STATS8_THRESHOLD_BITS``): that is what the
   test oracle runs. The offset is torch's ``absmax.mean()`` on the weight's device, as in
   bitsandbytes.
