@@ -11,7 +11,6 @@ bandwidth: decoding is memory-bound.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from benchmarks import harness as H

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import types
 
-import pytest
 import torch
 import torch.nn.functional as F
 

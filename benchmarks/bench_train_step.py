@@ -16,7 +16,6 @@ The Liger provider runs LAST, and ``fastlora bench`` runs this file after the ot
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from benchmarks import harness as H

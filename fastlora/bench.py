@@ -25,7 +25,6 @@ import datetime as _dt
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
