@@ -33,7 +33,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -695,6 +695,3 @@ def protect_bnb(model: torch.nn.Module) -> None:
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
 
-
-def ring_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
