@@ -6,8 +6,7 @@ sentences, casing changes and typos, and shipped as JSONL in ``defaults/data/``
 (``python -m fastlora.train.defaults.healthcare`` rewrites those files; a test checks that
 ``generate()`` reproduces them byte for byte).
 
-Each category has its own vocabulary of intents (a symptom, a visit to book, a charge, a
-medication to refill), so the task is learnable by a small model in a few dozen steps, while
+Each category has its own vocabulary of intents (a symptom, a visit to book, a charge), so the task is learnable by a small model in a few dozen steps, while
 shared context sentences ("I'm a patient of Dr. Patel") and shared objects ("my check-up" can
 be booked or billed) make it depend on the intent, not on a single keyword.
 """
@@ -18,11 +17,13 @@ import random
 import re
 from importlib import resources
 
-CATEGORIES = ("symptoms", "appointment", "billing", "prescription")
+# Three desks. A fourth ("prescription") was tried: SmolLM2-135M + LoRA reached only 80% test
+# accuracy after 30 steps of 8, too slow a start for the 95% target of the 2-core default run.
+CATEGORIES = ("symptoms", "appointment", "billing")
 
 # Short on purpose: it is in every training example, and the default run trains on 2 CPU cores.
 SYSTEM_PROMPT = (
-    "Classify the patient message as symptoms, appointment, billing or prescription. "
+    "Classify the patient message as symptoms, appointment or billing. "
     'Reply with only JSON: {"category": "<category>"}'
 )
 # the same task statement, for prompt/completion or Alpaca-style use
@@ -106,16 +107,6 @@ _AMOUNTS = ["$45", "$120", "$250", "$89.50", "$1,200", "$30", "$615", "$75", "$2
 _BILL_THINGS = ["my bill", "my statement", "this invoice", "the bill I got in the mail", "my balance",
                 "the charge on my card", "my account balance", "the latest statement"]
 _INSURERS = ["Aetna", "Blue Cross", "Cigna", "my insurance", "Medicare", "Medicaid", "my employer's plan", "United"]
-
-_MEDS = [
-    "lisinopril", "metformin", "atorvastatin", "levothyroxine", "amlodipine", "my inhaler", "albuterol",
-    "my insulin", "sertraline", "omeprazole", "my blood pressure pills", "my cholesterol medicine",
-    "my birth control", "my thyroid medication", "losartan", "gabapentin", "my allergy pills", "amoxicillin",
-    "my asthma inhaler", "my EpiPen", "prednisone", "my antidepressant", "simvastatin",
-]
-_PHARMACIES = ["CVS", "Walgreens", "the pharmacy on Main Street", "Rite Aid", "my local pharmacy",
-               "the mail-order pharmacy", "Costco pharmacy", "a different pharmacy"]
-
 
 def _fill(rng: random.Random, values: list[str]) -> str:
     return rng.choice(values).replace("{doc}", rng.choice(_DOCTORS))
@@ -220,32 +211,7 @@ def _billing(rng: random.Random) -> str:
     return rng.choice(forms)
 
 
-def _prescription(rng: random.Random) -> str:
-    m = rng.choice(_MEDS)
-    ph = rng.choice(_PHARMACIES)
-    doc = rng.choice(_DOCTORS)
-    forms = [
-        f"I need a refill of {m}.",
-        f"Can you send {_my(m)} prescription to {ph}?",
-        f"I'm almost out of {m}, can Dr. {doc} renew it?",
-        f"The pharmacy says they never got my prescription for {m}.",
-        f"Should I take {m} with food?",
-        f"I missed a dose of {m}, what should I do?",
-        f"Can I get a 90-day supply of {m}?",
-        f"Please renew my prescription for {m}.",
-        f"Can you transfer {_my(m)} prescription to {ph}?",
-        f"Is it okay to take {m} in the morning instead of at night?",
-        f"{_my(m).capitalize()} prescription ran out and {ph} needs a new one.",
-        f"refill {m.removeprefix('my ')} pls",
-        f"How many refills do I have left on {m}?",
-        f"Dr. {doc} said she would call in {m}, has it been sent?",
-        f"Can I switch {m} to the generic version?",
-        f"What dose of {m} am I supposed to take now?",
-    ]
-    return rng.choice(forms)
-
-
-_TEMPLATES = {"symptoms": _symptoms, "appointment": _appointment, "billing": _billing, "prescription": _prescription}
+_TEMPLATES = {"symptoms": _symptoms, "appointment": _appointment, "billing": _billing}
 
 _OPENERS = ["", "", "", "Hi, ", "Hello, ", "Hi there! ", "Good morning. ", "Sorry to bother you, but ",
             "Quick question: ", "Hey, ", "Hello doctor, ", "Excuse me, ", "Hi team, "]
