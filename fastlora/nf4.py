@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -294,9 +295,10 @@ _nf4_dequantize_op = torch.library.custom_op("fastlora::nf4_dequantize", _nf4_de
 
 def _eager(t: torch.Tensor) -> bool:
     # Eager calls on plain tensors run the implementation directly: the custom op's Python
-    # dispatch costs ~50 us a call, more than dequantizing a small weight, and patched
-    # layers dequantize on every forward. torch.compile, fake tensors and tensor
-    # subclasses go through the registered op (and its fake kernel).
+    # dispatch costs ~50 us a call (more than dequantizing a small weight, and patched
+    # layers dequantize on every forward) and its first call imports torch._dynamo (~1 s).
+    # torch.compile, fake tensors and tensor subclasses go through the registered op (and
+    # its fake kernel).
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
@@ -305,8 +307,7 @@ def _(packed, absmax, code, state2_absmax, state2_code, offset, blocksize, shape
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("fastlora::nf4_quantize", mutates_args=())
-def _nf4_quantize_op(weight: torch.Tensor, blocksize: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _nf4_quantize_impl(weight: torch.Tensor, blocksize: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     b = Backend(backend)
     if b is Backend.REFERENCE:
         return _reference_quantize(weight, blocksize)
@@ -326,6 +327,9 @@ def _nf4_quantize_op(weight: torch.Tensor, blocksize: int, backend: str) -> tupl
     raise ValueError(f"nf4_quantize: unknown backend {backend!r}")
 
 
+_nf4_quantize_op = torch.library.custom_op("fastlora::nf4_quantize", _nf4_quantize_impl, mutates_args=())
+
+
 @_nf4_quantize_op.register_fake
 def _(weight, blocksize, backend):
     n = weight.numel()
@@ -335,8 +339,7 @@ def _(weight, blocksize, backend):
     )
 
 
-@torch.library.custom_op("fastlora::nf4_quantize_stats", mutates_args=())
-def _quantize_stats8_op(x: torch.Tensor, blocksize: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_stats8_impl(x: torch.Tensor, blocksize: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     b = Backend(backend)
     if b is Backend.REFERENCE:
         return _reference_quantize_stats8(x, blocksize)
@@ -356,6 +359,9 @@ def _quantize_stats8_op(x: torch.Tensor, blocksize: int, backend: str) -> tuple[
     raise ValueError(f"nf4_quantize_stats: unknown backend {backend!r}")
 
 
+_quantize_stats8_op = torch.library.custom_op("fastlora::nf4_quantize_stats", _quantize_stats8_impl, mutates_args=())
+
+
 @_quantize_stats8_op.register_fake
 def _(x, blocksize, backend):
     n = x.numel()
@@ -369,15 +375,30 @@ def _cuda_kernel_built() -> bool:
 
 def _select(op: str, device: torch.device, backend, cuda_kernels=(Backend.CUDA, Backend.TRITON)) -> Backend:
     if torch.compiler.is_compiling():
-        # The choice is made once, at trace time, and baked into the graph as a constant.
         forced = Backend.parse(backend) if backend is not None else None
-        return Backend(_select_traced(op, str(device), None if forced is None else forced.value, tuple(b.value for b in cuda_kernels)))
+        kernels = tuple(b.value for b in cuda_kernels)
+        args = (op, str(device), None if forced is None else forced.value, kernels)
+        if getattr(_select_traced, "_fastlora_constant", False):
+            # Decided once, at trace time, and baked into the graph as a constant.
+            return Backend(_select_traced(*args))
+        # Not marked yet (see _mark_select_constant): dynamo breaks the graph here.
+        return _select_eager(op, device, backend, cuda_kernels)
+    _mark_select_constant()
     return _select_eager(op, device, backend, cuda_kernels)
 
 
-@torch.compiler.assume_constant_result
 def _select_traced(op: str, device: str, backend, cuda_kernels) -> str:
     return _select_eager(op, torch.device(device), backend, tuple(Backend(b) for b in cuda_kernels)).value
+
+
+def _mark_select_constant() -> None:
+    # torch.compiler.assume_constant_result imports torch._dynamo (about a second), so we
+    # mark _select_traced only once dynamo is loaded anyway (torch.compile loads it), from
+    # an eager call. A trace before any eager NF4 call breaks the graph at the backend
+    # choice instead of failing.
+    if not getattr(_select_traced, "_fastlora_constant", False) and "torch._dynamo" in sys.modules:
+        torch.compiler.assume_constant_result(_select_traced)
+        _select_traced._fastlora_constant = True
 
 
 def _select_eager(op: str, device: torch.device, backend, cuda_kernels) -> Backend:
@@ -671,13 +692,14 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"quantize_nf4: weight of shape {tuple(weight.shape)} has {bad} non-finite values (inf/nan)")
     weight = weight.detach().contiguous()
     b = _select("nf4_quantize", weight.device, backend, cuda_kernels=(Backend.TRITON,))
-    packed, absmax = _nf4_quantize_op(weight, blocksize, b.value)
+    eager = _eager(weight)
+    packed, absmax = (_nf4_quantize_impl if eager else _nf4_quantize_op)(weight, blocksize, b.value)
     if not double_quant:
         return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
     # The mean is torch's, on the weight's device, as in bitsandbytes: its summation order
     # is part of the bit-exact contract.
     offset = absmax.mean()
-    q2, absmax2 = _quantize_stats8_op(absmax - offset, STATE2_BLOCKSIZE, b.value)
+    q2, absmax2 = (_quantize_stats8_impl if eager else _quantize_stats8_op)(absmax - offset, STATE2_BLOCKSIZE, b.value)
     code2 = dynamic_code(weight.device)
     return NF4Weight(
         packed, q2, weight.shape, weight.dtype, blocksize, offset=offset,
