@@ -488,9 +488,27 @@ class NF4Weight:
                 raise ValueError(f"NF4Weight: state2 code must have 256 entries, got {state2_code.numel()}")
         elif absmax.dtype != torch.float32:
             raise TypeError(f"NF4Weight: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
+        code = _nf4_code(packed.device) if code is None else code
+        if code.dtype != torch.float32 or code.numel() != 16:
+            raise ValueError(f"NF4Weight: code must be 16 float32 values, got {code.numel()} of {code.dtype}")
+        # The kernels read raw pointers: every tensor must live with the packed bytes, in the
+        # dtypes above (checked here, once, so no kernel sees a mismatched input).
+        extra = (
+            ("absmax", absmax), ("code", code), ("offset", offset), ("state2_absmax", state2_absmax),
+            ("state2_code", state2_code),
+        )  # fmt: skip
+        for name, t in extra:
+            if t is not None and t.device != packed.device:
+                raise ValueError(f"NF4Weight: {name} is on {t.device} but the packed data is on {packed.device}")
+        if nested and (offset.numel() != 1 or offset.dtype != torch.float32 or state2_absmax.dtype != torch.float32
+                       or state2_code.dtype != torch.float32):  # fmt: skip
+            raise TypeError(
+                "NF4Weight: nested statistics need a float32 scalar offset and float32 state2 absmax/code, got "
+                f"{offset.dtype} offset of {offset.numel()} values, {state2_absmax.dtype}, {state2_code.dtype}"
+            )
         self.packed = packed
         self.absmax = absmax
-        self.code = _nf4_code(packed.device) if code is None else code
+        self.code = code
         self.shape = shape
         self.dtype = dtype
         self.blocksize = int(blocksize)
@@ -561,9 +579,12 @@ class NF4Weight:
             raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not one of {_FLOAT_DTYPES}")
         _check_device(self.device, "NF4Weight.dequantize")
         b = _select("nf4_dequantize", self.device, backend)
-        packed = self.packed if self.packed.is_contiguous() else self.packed.contiguous()
+        def c(t):  # the kernels index raw memory: contiguous views (no copy when they are)
+            return None if t is None else t.contiguous()
+
+        packed = c(self.packed)
         args = (
-            packed, self.absmax, self.code, self.state2_absmax, self.state2_code, self.offset,
+            packed, c(self.absmax), c(self.code), c(self.state2_absmax), c(self.state2_code), c(self.offset),
             self.blocksize, list(self.shape), dtype, b.value,
         )  # fmt: skip
         if _eager(packed):

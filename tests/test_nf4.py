@@ -540,3 +540,24 @@ def test_dequantize_into_out_buffer(backend):
         q.dequantize(out=torch.empty(96, 9).t(), backend=backend)
     with pytest.raises(TypeError, match="does not match"):
         q.dequantize(torch.float16, out=torch.empty(9, 96), backend=backend)
+
+
+def test_nf4weight_rejects_inconsistent_parts():
+    q = quantize_nf4(make_weight((8, 64), torch.float32), 64, True, backend="reference")
+    parts = dict(code=q.code, offset=q.offset, state2_absmax=q.state2_absmax, state2_code=q.state2_code)
+    with pytest.raises(ValueError, match="code must be 16 float32"):
+        NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 64, **{**parts, "code": q.code.double()})
+    with pytest.raises(ValueError, match="offset is on meta"):
+        NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 64, **{**parts, "offset": q.offset.to("meta")})
+    with pytest.raises(TypeError, match="float32 scalar offset"):
+        NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 64, **{**parts, "offset": q.offset.double()})
+    with pytest.raises(ValueError, match="absmax has 3 entries"):
+        NF4Weight(q.packed, torch.ones(3), q.shape, q.dtype, 64)
+    with pytest.raises(ValueError, match=r"needs 256"):
+        NF4Weight(q.packed[:10], q.absmax, q.shape, q.dtype, 64, **parts)
+    # A strided view of the statistics is read through a contiguous copy, not misread.
+    big = torch.zeros(2 * q.absmax.numel(), dtype=torch.uint8)
+    big[::2] = q.absmax
+    strided = NF4Weight(q.packed, big[::2], q.shape, q.dtype, 64, **parts)
+    for backend in CPU_BACKENDS:
+        assert_bits_equal(strided.dequantize(backend=backend), q.dequantize(backend="reference"), backend.value)
