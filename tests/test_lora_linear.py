@@ -85,9 +85,13 @@ def reference64(x, dense, A, B, scaling, b, mask=None, p=0.0):
     return y, leaves
 
 
+# (rtol, atol) by the dtype the result is computed in; gradients get 4x atol (sums over rows)
+CHECK_TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
 def check(x, weight, dense, A, B, b, *, scaling=0.5, p=0.0, backend=None, dtype=None, tol=None):
     dtype = dtype or x.dtype
-    rtol, atol = tol or {torch.float32: (1e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}[dtype]
+    rtol, atol = tol or CHECK_TOL[dtype]
     y = lora_linear(x, weight, A, B, scaling, b, p, backend=backend)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
     y_ref, leaves = reference64(x, dense, A, B, scaling, b)
@@ -102,7 +106,12 @@ def check(x, weight, dense, A, B, b, *, scaling=0.5, p=0.0, backend=None, dtype=
             assert t.grad is None, f"{name} must not be computed"
             continue
         assert t.grad is not None and t.grad.dtype == t.dtype, name
-        assert_close(t.grad, ref.grad, rtol=rtol, atol=atol * 4, msg=name)
+        r, a = rtol, atol
+        if name in ("dA", "dB") and tol is None and t.dtype in CHECK_TOL:
+            # dA, dB are computed in the adapters' own dtype from operands that are exact
+            # there (fp32 adapters on bf16 x): held to that dtype's tolerance, not x's
+            r, a = CHECK_TOL[t.dtype]
+        assert_close(t.grad, ref.grad, rtol=r, atol=a * 4, msg=name)
 
 
 # --------------------------------------------------------------------------- CPU paths
@@ -212,8 +221,9 @@ def _dropout_case(backend, device="cpu", dtype=torch.float32, M=9, p=0.4):
     assert not torch.equal(y2, y.detach())
 
 
-def test_dropout_exact_cpu():
-    _dropout_case("reference")
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_dropout_exact_cpu(backend):
+    _dropout_case(backend)
 
 
 def test_dropout_plain_weight_and_p1():
