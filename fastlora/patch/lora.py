@@ -156,6 +156,9 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
         or any(v is not None for v in kwargs.values())
         or self.disable_adapters
         or self.merged
+        # peft.helpers.disable_input_dtype_casting: PEFT then feeds x to the adapters
+        # uncast, which the fused op (it always casts) would not reproduce
+        or not getattr(self, "cast_input_dtype_enabled", True)
     ):
         return st.original(x, *args, **kwargs)
     adapters = [a for a in self.active_adapters if a in self.lora_A]
@@ -204,7 +207,7 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     out = out.to(x.dtype)
     for a in rest:  # as PEFT adds each further adapter
         lora_A, lora_B = self.lora_A[a], self.lora_B[a]
-        xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+        xa = x.to(lora_A.weight.dtype)  # input casting is on (checked above)
         out = out + (lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]).to(out.dtype)
     return out
 
