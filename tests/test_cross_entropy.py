@@ -183,6 +183,8 @@ def test_mismatched_shapes_and_dtypes_raise():
         fastlora.cross_entropy(x, y[:4])
     with pytest.raises(TypeError, match="integer"):
         fastlora.cross_entropy(x, y.float())
+    with pytest.raises(TypeError, match="labels must be an integer tensor, got list"):
+        fastlora.cross_entropy(x, y.tolist())
     with pytest.raises(TypeError, match="floating"):
         fastlora.cross_entropy(y, y)
     with pytest.raises(ValueError, match="reduction"):

@@ -306,6 +306,21 @@ def test_bad_inputs():
         lora_linear(x, bad, A, B)
     with pytest.raises(ValueError, match=r"no cuda backend"):
         lora_linear(x, weight, A, B, backend="cuda")
+    with pytest.raises(ValueError, match=r"bias must be floating point, got dtype torch.int64"):
+        lora_linear(x, weight, A, B, bias=torch.ones(N, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown backend 'trtion'"):
+        lora_linear(x, torch.randn(N, K), A, B, backend="trtion")
+
+
+def test_plain_weight_says_backend_does_not_apply(monkeypatch):
+    import fastlora._ext
+
+    monkeypatch.setattr(fastlora._ext, "_warned", set())  # warn_once: fresh for this check
+    w = torch.randn(N, K) / K**0.5
+    x, A, B, b = make_inputs((2,), torch.float32)
+    with pytest.warns(RuntimeWarning, match="plain .*weight runs torch's matmuls; backend='triton'"):
+        y = lora_linear(x, w, A, B, 0.5, b, backend="triton")
+    assert_close(y, lora_linear(x, w, A, B, 0.5, b, backend="reference"), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- dispatch

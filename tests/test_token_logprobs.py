@@ -110,6 +110,10 @@ def test_out_of_range_tokens_and_shapes_raise():
         fastlora.token_logprobs(hid, w, bad)
     with pytest.raises(ValueError, match=r"\(6, 4\).*\(5,\)"):
         fastlora.token_logprobs(hid, w, tok[:5])
+    with pytest.raises(TypeError, match="tokens must be an integer tensor, got list"):
+        fastlora.token_logprobs(hid, w, tok.tolist())
+    with pytest.raises(TypeError, match=r"tokens must be an integer tensor, got dtype torch.float64"):
+        fastlora.token_logprobs(hid, w, tok.double())
     with pytest.raises(ValueError, match="temperature"):
         fastlora.token_logprobs(hid, w, tok, temperature=0.0)
 

@@ -419,6 +419,8 @@ def cross_entropy(
     check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch)
     if not torch.is_tensor(logits) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be an integer tensor, got {type(labels).__name__}")
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
         raise ValueError(
             f"logits shape {tuple(logits.shape)} must be labels shape {tuple(labels.shape)} + (V,)"

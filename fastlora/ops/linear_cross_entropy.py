@@ -362,6 +362,8 @@ def check_linear_inputs(hidden, weight, labels, bias, what="labels"):
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if not torch.is_tensor(labels):
+        raise TypeError(f"{what} must be an integer tensor, got {type(labels).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:

@@ -413,6 +413,8 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, dropout):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be floating point, got dtype {bias.dtype} (shape {_fmt(bias.shape)})")
         if tuple(bias.shape) != (N,):
             raise ValueError(
                 f"bias has shape {_fmt(bias.shape)} but weight has shape {_fmt((N, K))}; "
@@ -535,6 +537,15 @@ def lora_linear(
         dense, wt = weight, ()
         wmeta = ((N, K), 0, weight.dtype)
         fwd_b = bwd_b = Backend.REFERENCE  # dense matmuls are torch's (cuBLAS / MKL)
+        req = Backend.parse(backend)  # a misspelled name still raises
+        if req not in (None, Backend.AUTO, Backend.REFERENCE):
+            from .. import _ext
+
+            _ext.warn_once(
+                f"lora_linear:dense:{req.value}",
+                f"fastlora: lora_linear with a plain (unquantized) weight runs torch's matmuls; "
+                f"backend={req.value!r} applies to NF4 weights only",
+            )
     else:
         wt, wmeta = _nf4_storage(weight)
         _check_nf4(wmeta, wt, x)

@@ -202,7 +202,8 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
             scaling=self.scaling[first],
             bias=bias,
             dropout=p,
-            **({} if st.extra is None else {"backend": st.extra}),
+            # a plain base weight has one path (torch's matmuls): the choice is NF4's
+            **({} if st.extra is None or kind != KIND_NF4 else {"backend": st.extra}),
         )
     out = out.to(x.dtype)
     for a in rest:  # as PEFT adds each further adapter
