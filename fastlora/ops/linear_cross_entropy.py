@@ -84,6 +84,11 @@ def _reference(
 
 
 # --------------------------------------------------------------------------- chunk loop
+# Labels reach the chunk loop compacted to the valid rows (linear_cross_entropy) or as
+# tokens checked to lie in [0, V) (token_logprobs): none equals this.
+_NO_IGNORE = -100
+
+
 def default_chunk_rows(vocab: int, device: torch.device) -> int:
     if device.type == "cuda":
         from ..kernels.linear_cross_entropy_triton import default_chunk_rows as cuda_rows
@@ -129,7 +134,6 @@ def chunk_loop(
     g_ent=None,
     want_entropy=False,
     want_argmax=False,
-    ignore_index=-100,
 ):
     """Run the row kernel over chunks of rows of hidden (n, H); see the module docstring.
 
@@ -159,7 +163,7 @@ def chunk_loop(
         y = torch.nn.functional.linear(h, weight, bias)  # (c, V), overwritten by dL/dy
         sl = slice(s, e)
         out = ce_rows(
-            backend, y, labels[sl], ignore_index=ignore_index,
+            backend, y, labels[sl], ignore_index=_NO_IGNORE,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
             scale=scale, inv_temp=inv_temp,
             lse=None if lse is None else lse[sl],

@@ -30,9 +30,6 @@ from .linear_cross_entropy import (
 
 __all__ = ["token_logprobs"]
 
-# tokens are checked to lie in [0, V), so this never matches: every row is valid
-_NO_IGNORE = -100
-
 
 # --------------------------------------------------------------------------- reference
 def _reference(hidden, weight, tokens, *, bias=None, temperature=1.0, logit_scale=1.0,
