@@ -292,3 +292,17 @@ def test_triton_vocab_50257():
 def test_triton_low_precision_storage(dtype):
     x, y = _data(6, 129, dtype=dtype)
     _check(x, y, backend=Backend.TRITON, softcap=5.0, **ONE_ULP[dtype])
+
+
+@requires_triton
+def test_triton_launcher_refuses_bad_layouts():
+    # the launcher's own checks (not asserts: they must survive python -O)
+    from fastlora.kernels.cross_entropy_triton import ce_rows
+
+    x, y = _data(4, 10, dtype=torch.float32, mask_every=0)
+    with pytest.raises(ValueError, match=r"strides \(1, 4\)"):
+        ce_rows(x.t().contiguous().t(), y)
+    with pytest.raises(ValueError, match=r"labels \(3,\)"):
+        ce_rows(x, y[:3])
+    with pytest.raises(ValueError, match=r"grad_out of shape \(4, 10\)"):
+        ce_rows(x, y, g_loss=torch.ones(4))

@@ -160,17 +160,26 @@ def ce_rows(
     if y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the Triton cross-entropy kernel takes fp32/fp16/bf16 logits, got {y.dtype}")
     n, V = y.shape
-    assert y.stride(1) == 1 and labels.is_contiguous()
+    # checks that survive ``python -O``: a wrong stride here is an out-of-bounds read
+    if y.stride(1) != 1 or not labels.is_contiguous() or labels.shape != (n,):
+        raise ValueError(
+            f"ce_rows: logits (n, V) must have unit column stride and labels must be a contiguous (n,); "
+            f"got logits {tuple(y.shape)} strides {y.stride()}, labels {tuple(labels.shape)} "
+            f"strides {labels.stride()}"
+        )
     dev = y.device
     f32 = torch.float32
     block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     lse_given = lse is not None
     compute_grad = g_loss is not None
-    if compute_grad:
-        assert grad_out is not None and grad_out.stride(1) == 1
+    if compute_grad and (grad_out is None or grad_out.shape != y.shape or grad_out.stride(1) != 1):
+        raise ValueError(
+            f"ce_rows: a gradient needs grad_out of shape {tuple(y.shape)} with unit column stride, got "
+            f"{None if grad_out is None else (tuple(grad_out.shape), grad_out.stride())}"
+        )
     has_g_ent = g_ent is not None
-    if has_g_ent and lse_given:
-        assert ent is not None
+    if has_g_ent and lse_given and ent is None:
+        raise ValueError("ce_rows: the entropy gradient in backward needs the forward's entropy (ent)")
     if has_g_ent and not lse_given:
         want_entropy = True  # the entropy gradient needs E_p[x] = lse - ent
     # Unused pointer arguments get a real n-element buffer rather than an empty tensor:
