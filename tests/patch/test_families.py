@@ -19,7 +19,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def assert_grads_match(ref, pat, tol=1e-3):
+def assert_grads_match(ref, pat, tol=1e-5):  # fp32: measured <= 8e-7
     g_ref, g_pat = tiny.lora_grads(ref), tiny.lora_grads(pat)
     assert set(g_ref) == set(g_pat) and len(g_ref) == len(tiny.trainable(ref)), "every LoRA weight has a grad"
     for name in g_ref:
@@ -42,7 +42,7 @@ def test_loss_and_every_lora_grad_match(saved_models, family):
     ref.train(), pat.train()
     out_ref, out_pat = ref(**b), pat(**b)
     assert out_pat.logits is None  # never materialized on the training path
-    assert_close(out_pat.loss, out_ref.loss, rtol=1e-4, atol=0)
+    assert_close(out_pat.loss, out_ref.loss, rtol=1e-5, atol=0)
     out_ref.loss.backward()
     out_pat.loss.backward()
     assert_grads_match(ref, pat)
@@ -68,7 +68,7 @@ def test_adamw_curve_matches(saved_models, family):
         curves.append(torch.tensor(losses))
     ref, pat = curves
     assert ref[-4:].mean() < ref[:4].mean() - 0.05, "the run must actually learn"
-    assert_close(pat, ref, rtol=1e-3, atol=0)
+    assert_close(pat, ref, rtol=1e-4, atol=0)  # 20 AdamW steps compound rounding; one step is 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
@@ -90,7 +90,7 @@ def test_eval_logits_unchanged(saved_models, family):
         # eval with labels keeps the original forward too: loss and logits
         out_ref, out = ref(**b), full(**b)
     assert out.logits is not None
-    assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=0)
+    assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=0)
     for m in (ref, head_only, full):
         for layer in m.modules():
             qs = getattr(getattr(layer, "weight", None), "quant_state", None)

@@ -51,7 +51,7 @@ def test_hf_trainer_trains_patched_model_like_unpatched(saved_models, tmp_path, 
     l_ref = _train(ref, tmp_path / "ref")
     l_pat = _train(pat, tmp_path / "pat")
     assert len(l_pat) == 4 and torch.isfinite(l_pat).all()
-    assert_close(l_pat, l_ref, rtol=1e-3, atol=0)
+    assert_close(l_pat, l_ref, rtol=1e-4, atol=0)
     # the fused loss ran on every micro-batch, normalized by the accumulated token count
     assert len(seen) == 4 * 2 and all(torch.is_tensor(n) and n > 0 for n in seen)
     moved = [n for n, p in pat.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
