@@ -45,15 +45,8 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case_id,provider", pairs)
 
 
-_CACHE: dict = {}
-
-
+@H.one_case_at_a_time
 def _case(env: H.Env, case_id: str) -> H.Case:
-    if case_id in _CACHE:
-        return _CACHE[case_id]
-    _CACHE.clear()
-    if env.is_cuda:
-        torch.cuda.empty_cache()
     op, n = case_id.split("-N")
     N, Hd, V = int(n), env.preset.ce_hidden, env.preset.ce_vocab
     dt, dev = env.dtype, env.device
@@ -86,7 +79,6 @@ def _case(env: H.Env, case_id: str) -> H.Case:
                   unit="GB/s" if op == "ce" else "TFLOP/s",
                   bytes=2 * N * V * dt.itemsize if op == "ce" else 0.0,  # ce: read logits, write their gradient
                   flops=flops, tokens=N, params={"op": op, "N": N, "H": Hd, "V": V})
-    _CACHE[case_id] = case
     return case
 
 

@@ -42,15 +42,8 @@ def _parse(case_id: str):
     return i, o, int(m[1:]), mode
 
 
-_CACHE: dict = {}
-
-
+@H.one_case_at_a_time
 def _case(env: H.Env, case_id: str) -> H.Case:
-    if case_id in _CACHE:
-        return _CACHE[case_id]
-    _CACHE.clear()
-    if env.is_cuda:
-        torch.cuda.empty_cache()
     in_f, out_f, M, mode = _parse(case_id)
     r, dt, dev = env.preset.lora_rank, env.dtype, env.device
     train = mode != "decode"
@@ -87,7 +80,6 @@ def _case(env: H.Env, case_id: str) -> H.Case:
         bytes=set_bytes, flops=flops, tokens=M,
         params={"in": in_f, "out": out_f, "M": M, "mode": mode, "rank": r},
     )
-    _CACHE[case_id] = case
     return case
 
 
@@ -149,6 +141,23 @@ def _peft_wrap(base: torch.nn.Module, inp, env: H.Env):
     return layer, (la.weight, lb.weight)
 
 
+def _peft_provider(env: H.Env, name: str, family: str, make_base, reset) -> H.Provider:
+    """PEFT's LoRA layer over ``make_base(inp)``; its own adapter weights (copies of
+    inp.A / inp.B) have their grads reset along with the inputs'."""
+    built = {}
+
+    def build(inp):
+        layer, params = _peft_wrap(make_base(inp), inp, env)
+        built[id(inp)] = params
+        return _run_mode(inp, layer, params)
+
+    def reset_all(inp):
+        reset(inp)
+        _reset_grads(*built.get(id(inp), ()))
+
+    return H.Provider(name, family, build, reset_all)
+
+
 def _provider(env: H.Env, name: str) -> H.Provider:
     def reset(inp):
         _reset_grads(inp.x, inp.A, inp.B)
@@ -165,9 +174,7 @@ def _provider(env: H.Env, name: str) -> H.Provider:
         return H.Provider(name, "fastlora", build, reset)
 
     if name == "bitsandbytes+peft":
-        built = {}
-
-        def build(inp):
+        def nf4_base(inp):
             bnb = H.require_module("bitsandbytes")
             in_f, out_f = inp.qs.shape[1], inp.qs.shape[0]
             lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=env.dtype, compress_statistics=True,
@@ -175,31 +182,17 @@ def _provider(env: H.Env, name: str) -> H.Provider:
             lin.weight = bnb.nn.Params4bit(data=inp.packed, requires_grad=False, quant_state=inp.qs, blocksize=64,
                                            compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=lin)
             lin.support_avx512bf16_for_cpu = False  # never repack the shared bytes (nf4.md §1.6)
-            layer, params = _peft_wrap(lin, inp, env)
-            built[id(inp)] = params
-            return _run_mode(inp, layer, params)
+            return lin
 
-        def reset_peft(inp):
-            reset(inp)
-            _reset_grads(*built.get(id(inp), ()))
-
-        return H.Provider(name, "bitsandbytes+peft", build, reset_peft)
+        return _peft_provider(env, name, "bitsandbytes+peft", nf4_base, reset)
 
     if name == "dense+peft":
-        built = {}
-
-        def build(inp):
+        def dense_base(inp):
             lin = torch.nn.Linear(inp.qs.shape[1], inp.qs.shape[0], bias=False, device="meta")
             lin.weight = torch.nn.Parameter(inp.w_deq, requires_grad=False)
-            layer, params = _peft_wrap(lin, inp, env)
-            built[id(inp)] = params
-            return _run_mode(inp, layer, params)
+            return lin
 
-        def reset_dense(inp):
-            reset(inp)
-            _reset_grads(*built.get(id(inp), ()))
-
-        return H.Provider(name, "torch", build, reset_dense)
+        return _peft_provider(env, name, "torch", dense_base, reset)
 
     if name == "dequant+matmul":
         def build(inp):

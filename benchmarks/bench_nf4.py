@@ -29,13 +29,8 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case_id,provider", [(c, p) for c in cases for p in provs])
 
 
-_CACHE: dict = {}
-
-
+@H.one_case_at_a_time
 def _case(env: H.Env, case_id: str) -> H.Case:
-    if case_id in _CACHE:
-        return _CACHE[case_id]
-    _CACHE.clear()
     out_f, in_f = map(int, case_id.split("x"))
     n = out_f * in_f
     nbytes = n / 2 + n / 64 + 4 * math.ceil(n / 64 / 256) + n * OUT_DTYPE.itemsize
@@ -48,7 +43,6 @@ def _case(env: H.Env, case_id: str) -> H.Case:
     case = H.Case(area="nf4", id=case_id, ring=ring, reference=reference, output_names=("weight",),
                   dtype=OUT_DTYPE, unit="GB/s", bytes=nbytes, tolerance=(0.0, 0.0),
                   params={"shape": [out_f, in_f], "blocksize": 64, "double_quant": True})
-    _CACHE[case_id] = case
     return case
 
 

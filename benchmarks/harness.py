@@ -498,6 +498,24 @@ def measure_memory(call: Callable[[], Any], reset: Callable[[], None] | None, de
     return res
 
 
+def one_case_at_a_time(build: Callable[["Env", str], "Case"]) -> Callable[["Env", str], "Case"]:
+    """Memoize a suite's ``build(env, case_id) -> Case`` for the current case only: the
+    providers of one case reuse its inputs, and a new case frees the previous one before
+    building (the large preset's inputs do not fit in memory twice)."""
+    held: dict = {}
+
+    @functools.wraps(build)
+    def get(env: "Env", case_id: str) -> "Case":
+        if case_id not in held:
+            held.clear()
+            if env.is_cuda:
+                torch.cuda.empty_cache()
+            held[case_id] = build(env, case_id)
+        return held[case_id]
+
+    return get
+
+
 # ----------------------------------------------------------------------------------------
 # One benchmark
 # ----------------------------------------------------------------------------------------
