@@ -352,6 +352,9 @@ def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
     monkeypatch.setattr(fastlora._ext, "_warned", set())  # warn_once: fresh for this check
     with pytest.warns(RuntimeWarning, match="no nf4_gemv"):
         assert _choose_backends(cuda, 1, torch.bfloat16, None) == (T, T)
+    # a dtype without a GPU kernel: the reference, and it says so
+    with pytest.warns(RuntimeWarning, match="no GPU kernel for torch.float64"):
+        assert _choose_backends(cuda, 1, torch.float64, None) == (Backend.REFERENCE,) * 2
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -473,6 +473,14 @@ def _choose_backends(device, M, dtype, backend):
     """(forward, backward) backends for the NF4 path."""
     if device.type == "cuda":
         gpu_ok = dtype in _TRITON_DTYPES
+        if not gpu_ok and Backend.parse(backend) in (None, Backend.AUTO):
+            from .. import _ext
+
+            _ext.warn_once(
+                f"lora_linear:gpu-dtype:{dtype}",
+                f"fastlora: lora_linear has no GPU kernel for {dtype} (it has {list(_TRITON_DTYPES)}); "
+                "it runs the pure-torch reference",
+            )
         prefs = [Backend.TRITON]
         if M <= GEMV_MAX_M and dtype != torch.float32:
             why = _gemv_missing()
