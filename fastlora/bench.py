@@ -24,6 +24,7 @@ import argparse
 import datetime as _dt
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -439,16 +440,12 @@ def chart(bench: dict, path: Path) -> Path | None:
     m = bench.get("fastlora", {})
     ax.set_title(f"fastlora benchmarks, preset {m.get('preset')}, {m.get('device')}, {m.get('date')}", fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, png.getvalue())
     return path
 
 
