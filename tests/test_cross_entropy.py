@@ -189,6 +189,13 @@ def test_mismatched_shapes_and_dtypes_raise():
         fastlora.cross_entropy(y, y)
     with pytest.raises(ValueError, match="reduction"):
         fastlora.cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match=r"\(5, 0\).*V >= 1"):
+        fastlora.cross_entropy(x[:, :0], y)
+    # a non-finite option would turn every loss into NaN: refused up front
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0 or None, got inf"):
+        fastlora.cross_entropy(x, y, softcap=float("inf"))
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0, got nan"):
+        fastlora.cross_entropy(x, y, z_loss=float("nan"))
 
 
 def test_opcheck_library_ops():

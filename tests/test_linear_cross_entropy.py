@@ -189,6 +189,10 @@ def test_mismatched_shapes_and_dtypes_raise():
         fastlora.linear_cross_entropy(hid.float(), w, y)
     with pytest.raises(ValueError, match=r"bias shape \(8,\)"):
         fastlora.linear_cross_entropy(hid, w, y, bias=b[:8])
+    with pytest.raises(ValueError, match=r"V >= 1, got shape \(0, 4\)"):
+        fastlora.linear_cross_entropy(hid, w[:0], torch.full_like(y, -100))
+    with pytest.raises(ValueError, match="logit_scale must be finite, got nan"):
+        fastlora.linear_cross_entropy(hid, w, y, logit_scale=float("nan"))
 
 
 def test_opcheck_library_ops():

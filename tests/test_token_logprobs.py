@@ -116,6 +116,10 @@ def test_out_of_range_tokens_and_shapes_raise():
         fastlora.token_logprobs(hid, w, tok.double())
     with pytest.raises(ValueError, match="temperature"):
         fastlora.token_logprobs(hid, w, tok, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
+        fastlora.token_logprobs(hid, w, tok, temperature=float("inf"))
+    with pytest.raises(ValueError, match="logit_scale must be finite, got nan"):
+        fastlora.token_logprobs(hid, w, tok, logit_scale=float("nan"))
 
 
 @requires_triton

@@ -30,6 +30,8 @@ and their dispatch, ``torch.library`` ops, ``autograd.Function``, functional.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backend import Backend, select
@@ -77,15 +79,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_positive(name: str, value, *, allow_none: bool = False) -> None:
+    """A finite number > 0 (or None when allowed): inf or NaN here would make every loss NaN."""
+    if value is None and allow_none:
+        return
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
+
+
 def check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch=None):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    check_positive("softcap", softcap, allow_none=True)
     if num_items_in_batch is not None and not torch.is_tensor(num_items_in_batch):
         if not float(num_items_in_batch) > 0:
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
@@ -421,9 +430,9 @@ def cross_entropy(
         raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be an integer tensor, got {type(labels).__name__}")
-    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
+    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape) or logits.shape[-1] == 0:
         raise ValueError(
-            f"logits shape {tuple(logits.shape)} must be labels shape {tuple(labels.shape)} + (V,)"
+            f"logits shape {tuple(logits.shape)} must be labels shape {tuple(labels.shape)} + (V,) with V >= 1"
         )
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")

@@ -30,6 +30,8 @@ On CUDA the chunk loop runs with the Triton row kernel
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backend import Backend, select
@@ -368,8 +370,8 @@ def check_linear_inputs(hidden, weight, labels, bias, what="labels"):
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
     if not torch.is_tensor(labels):
         raise TypeError(f"{what} must be an integer tensor, got {type(labels).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (V, H) with V >= 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden shape {tuple(hidden.shape)} does not match weight shape "
@@ -419,6 +421,8 @@ def linear_cross_entropy(
     Gradients flow to hidden, weight and bias when they require grad.
     """
     check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch)
+    if not math.isfinite(float(logit_scale)):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs(hidden, weight, labels, bias)
     if chunk_size is not None and int(chunk_size) < 1:

@@ -17,10 +17,12 @@ Gradients (x = tempered logits, g, h = upstream grads of logp and entropy)::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backend import Backend, select
-from .cross_entropy import check_labels
+from .cross_entropy import check_labels, check_positive
 from .linear_cross_entropy import (
     autocast_inputs,
     check_linear_inputs,
@@ -106,10 +108,10 @@ def token_logprobs(
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs(hidden, weight, tokens, bias, what="tokens")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    if not math.isfinite(float(logit_scale)):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     V, H = weight.shape
