@@ -34,6 +34,18 @@ def test_flags_override_yaml(tmp_path):
     assert cfg.warmup_steps == SFTConfig().warmup_steps
 
 
+def test_task_dependent_defaults():
+    from fastlora.train.config import EMBEDDED_TASK, GENERIC
+
+    embedded = SFTConfig().resolved()
+    assert (embedded.lr, embedded.general_mix, embedded.max_steps) == (
+        EMBEDDED_TASK["lr"], EMBEDDED_TASK["general_mix"], EMBEDDED_TASK["max_steps"])
+    custom = SFTConfig(data="x.jsonl").resolved()
+    assert (custom.lr, custom.general_mix, custom.max_steps) == (GENERIC["lr"], 0.0, 0)
+    explicit = SFTConfig(lr=1e-5, general_mix=0.0, max_steps=3).resolved()
+    assert (explicit.lr, explicit.general_mix, explicit.max_steps) == (1e-5, 0.0, 3)
+
+
 @pytest.mark.parametrize(
     "yaml_text, match",
     [("lrr: 0.1\n", r"unknown option\(s\) \['lrr'\]"), ("batch_size: eight\n", "batch_size"),
