@@ -334,7 +334,7 @@ def test_gradient_checkpointing_same_grads(saved_models):
     ref, pat = tiny.load_qlora(path), tiny.load_qlora(path)
     fastlora.patch(pat)
     for m in (ref, pat):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     b = tiny.batch()
     assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
     assert_grads_match(ref, pat)

@@ -32,13 +32,11 @@ def make_config(family: str, **overrides):
     kw = dict(
         hidden_size=HIDDEN, intermediate_size=INTER, vocab_size=VOCAB, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager",
     )
     kw.update(extra)
     kw.update(overrides)
-    cfg = getattr(transformers, cls_name)(**kw)
-    cfg._attn_implementation = "eager"
-    return cfg
+    return getattr(transformers, cls_name)(**kw)
 
 
 def save_random(family: str, path, seed: int = 0, **overrides) -> str:
