@@ -95,12 +95,17 @@ def test_bench_delegates(monkeypatch):
 def test_sft_through_the_cli(tiny_model_dir, chat_jsonl, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["sft", "--model", str(tiny_model_dir), "--data", str(chat_jsonl), "--output-dir", str(out),
-            "--max-steps", "2", "--batch-size", "4", "--no-measure-forgetting", "--no-progress", "--patch",
-            "--lora-r", "2", "--max-length", "64"]
+            "--max-steps", "2", "--batch-size", "4", "--measure-forgetting", "--no-progress", "--patch",
+            "--lora-r", "2", "--max-length", "64", "--general-mix", "0.25", "--gradient-checkpointing",
+            "--eval-split", "0.25"]
     assert cli.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["patched"] is True
     assert summary["patch_report"]["patched"]  # fastlora.patch ran on the trained model
+    assert summary["train_examples"] == 18 + 6  # 24 records - 6 held out, + 25% general records
+    assert summary["perplexity_before"] > 1 and summary["perplexity_after"] > 1
+    assert 0 <= summary["general_qa_before"] <= 1 and 0 <= summary["general_qa_after"] <= 1
+    assert summary["final_train_loss"] == summary["final_train_loss"]  # not NaN with checkpointing
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["lora_r"] == 2
     # Running again into the same dir is refused with a clear message.
