@@ -25,6 +25,12 @@ def loss_and_grads(model, b, **kw):
     return loss.detach()
 
 
+def assert_same_step(ref, pat, b, *, rtol=1e-5, grad_tol=1e-5, **kw):
+    """One backward of each model on batch ``b``: the same loss and the same LoRA grads."""
+    assert_close(loss_and_grads(pat, b, **kw), loss_and_grads(ref, b, **kw), rtol=rtol, atol=0)
+    assert_grads_match(ref, pat, tol=grad_tol)
+
+
 def test_unpatch_is_bit_exact(saved_models):
     path = saved_models("qwen2")
     ref, pat = tiny.load_qlora(path), tiny.load_qlora(path)
@@ -91,14 +97,13 @@ def test_multiple_active_adapters_and_disable_adapter(saved_models):
     assert report.ok
     b = tiny.batch()
     assert len(tiny.trainable(ref)) == 4 * 7 * tiny.LAYERS  # both adapters train
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
     with ref.disable_adapter(), pat.disable_adapter():  # base only: nothing to train
         l_ref, l_pat = ref(**b).loss, pat(**b).loss
     assert not l_pat.requires_grad
     assert_close(l_pat, l_ref, rtol=1e-5, atol=0)
     # back on: both adapters again
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
+    assert_same_step(ref, pat, b)
 
 
 def test_merge_and_unmerge_adapter(saved_models):
@@ -116,8 +121,7 @@ def test_merge_and_unmerge_adapter(saved_models):
         # the merged weight holds the delta (re-quantized): close to the unmerged loss
         assert_close(merged_pat, before, rtol=2e-2, atol=0)
         ref.unmerge_adapter(), pat.unmerge_adapter()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_dora_falls_back_and_is_reported(saved_models, caplog):
@@ -131,8 +135,7 @@ def test_dora_falls_back_and_is_reported(saved_models, caplog):
     assert report.patched["lora/bnb-nf4"] == 0 and report.patched["causal-lm head+loss"] == 1
     assert "FALLBACK" in str(report) and "DoRA" in caplog.text
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_adapter_added_after_patch_is_handled_at_call_time(saved_models):
@@ -279,9 +282,8 @@ def test_lm_head_lora_is_folded(saved_models):
     assert report.patched["lora/linear"] == 1  # lm_head itself, for eval/generation
     assert report.kept["bnb Linear4bit without LoRA"][0] == 5 * tiny.LAYERS
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
+    assert_same_step(ref, pat, b)
     assert any("lm_head" in n for n in tiny.lora_grads(pat))
-    assert_grads_match(ref, pat)
 
 
 def test_lm_head_lora_with_dropout_runs_unfused(saved_models):
@@ -320,13 +322,10 @@ def test_num_items_in_batch_and_shift_labels(saved_models):
     fastlora.patch(pat)
     b = tiny.batch()
     n = torch.tensor(37)
-    assert_close(loss_and_grads(pat, b, num_items_in_batch=n), loss_and_grads(ref, b, num_items_in_batch=n),
-                 rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b, num_items_in_batch=n)
     shift = torch.nn.functional.pad(b["labels"], (0, 1), value=-100)[:, 1:].clone()
     shift[:, 2] = -100
-    assert_close(loss_and_grads(pat, b, shift_labels=shift), loss_and_grads(ref, b, shift_labels=shift),
-                 rtol=1e-5, atol=0)
+    assert_same_step(ref, pat, b, shift_labels=shift)
 
 
 def test_gradient_checkpointing_same_grads(saved_models):
@@ -336,8 +335,7 @@ def test_gradient_checkpointing_same_grads(saved_models):
     for m in (ref, pat):
         m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_return_dict_false_gives_a_tuple(saved_models):
@@ -366,8 +364,7 @@ def test_repack_guard(saved_models):
     assert layers and all(not m.support_avx512bf16_for_cpu for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_already_repacked_weights_fall_back():
@@ -424,8 +421,7 @@ def test_logit_scale_families(tmp_path, family, overrides):
     report = fastlora.patch(pat)
     assert report.ok, str(report)
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_custom_loss_function_falls_back(saved_models):
@@ -470,9 +466,8 @@ def test_lm_head_in_modules_to_save(saved_models):
             m.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     assert fastlora.patch(pat).ok
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
+    assert_same_step(ref, pat, b)
     assert any("modules_to_save" in n for n in tiny.lora_grads(pat))
-    assert_grads_match(ref, pat)
     with ref.disable_adapter(), pat.disable_adapter():
         assert_close(pat(**b).loss, ref(**b).loss, rtol=1e-5, atol=0)
 
@@ -506,8 +501,7 @@ def test_unquantized_base_layers(saved_models):
     report = fastlora.patch(pat)
     assert report.ok and report.patched["lora/linear"] == 7 * tiny.LAYERS
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-5, atol=0)
-    assert_grads_match(ref, pat)
+    assert_same_step(ref, pat, b)
 
 
 def test_bf16_model_with_fp32_adapters(saved_models):
@@ -529,8 +523,7 @@ def test_bf16_model_with_fp32_adapters(saved_models):
     assert {p.dtype for n, p in pat.named_parameters() if p.requires_grad} == {torch.float32}
     assert fastlora.patch(pat).ok
     b = tiny.batch()
-    assert_close(loss_and_grads(pat, b), loss_and_grads(ref, b), rtol=1e-2, atol=0)
-    assert_grads_match(ref, pat, tol=3e-2)  # bf16 rounding (measured 1.3e-2 worst)
+    assert_same_step(ref, pat, b, rtol=1e-2, grad_tol=3e-2)  # bf16 rounding (grads measured 1.3e-2 worst)
 
 
 def test_disabled_input_dtype_casting_runs_peft(monkeypatch):
