@@ -552,3 +552,18 @@ def test_disabled_input_dtype_casting_runs_peft(monkeypatch):
         assert not calls
         assert_close(pat(x), ref(x), rtol=1e-4, atol=1e-5)
     assert len(calls) == 1
+
+
+def test_imports_stay_cheap():
+    # Importing the ops and the patcher must not pull in Triton (imported only once
+    # dispatch chose it) nor the HF stack (found in sys.modules when a model uses it).
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlora.ops.lora_linear, fastlora.ops.cross_entropy, fastlora.ops.linear_cross_entropy, "
+            "fastlora.ops.token_logprobs, fastlora.patch; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'triton', 'transformers', 'peft', 'bitsandbytes', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
