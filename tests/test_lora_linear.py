@@ -207,6 +207,9 @@ def _dropout_case(backend, device="cpu", dtype=torch.float32, M=9, p=0.4):
     lora_out = (y - x @ dense.to(dtype).t()) / s  # = dropout(x)
     mask = lora_out.abs() > 0.25 * x.abs()  # kept: x/(1-p) ≥ x; dropped: ~0
     assert 0 < mask.sum() < mask.numel(), "dropout mask is trivial"
+    # inverted dropout, checked here without the module's own helper: kept x/(1-p), dropped 0
+    assert_close(lora_out[mask], (x.detach() / (1 - p))[mask], rtol=1e-5, atol=1e-5, msg="kept")
+    assert_close(lora_out[~mask], torch.zeros_like(lora_out[~mask]), rtol=0, atol=1e-5, msg="dropped")
     dy = torch.randn(y.shape, generator=g).to(device, dtype)
     y.backward(dy)
     y_ref, (x64, A64, B64, _) = reference64(x, dense, A, B, s, None, mask, p)
