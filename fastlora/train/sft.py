@@ -437,8 +437,14 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
     evals = [r for r in rows if r.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        ax.plot(*zip(*train), label="train loss", lw=0.8, alpha=0.5)
+        ema, smooth = None, []
+        for step, loss in train:  # exponential moving average: per-batch losses are noisy
+            ema = loss if ema is None else 0.8 * ema + 0.2 * loss
+            smooth.append((step, ema))
+        ax.plot(*zip(*smooth), label="train loss (EMA 0.8)", lw=1.6, color="tab:blue")
     el = [(r["step"], r["loss"]) for r in evals if "loss" in r]
+    el += [(r["step"], r["eval_loss"]) for r in rows if r.get("event") == "after" and "eval_loss" in r]
     if el:
         ax.plot(*zip(*el), "o-", label="eval loss")
     ax.set_xlabel("step")
