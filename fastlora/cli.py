@@ -117,8 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     kwargs = {"preset": args.preset, "only": args.only}
     if args.results_dir is not None:
         kwargs["results_dir"] = args.results_dir
-    bench.run(**kwargs)
-    return 0
+    return bench.run(**kwargs)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
