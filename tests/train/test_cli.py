@@ -86,10 +86,13 @@ def test_bench_delegates(monkeypatch):
 
     calls = []
     fake = types.ModuleType("fastlora.bench")
-    fake.run = lambda **kw: calls.append(kw)
+    statuses = iter([0, 4])
+    fake.run = lambda **kw: calls.append(kw) or next(statuses)
     monkeypatch.setitem(sys.modules, "fastlora.bench", fake)
     assert cli.main(["bench", "--preset", "tiny", "--only", "nf4"]) == 0
     assert calls == [{"preset": "tiny", "only": ["nf4"]}]
+    # A failed suite (pytest exit status 4) is the command's exit status, not a silent 0.
+    assert cli.main(["bench", "--preset", "tiny"]) == 4
 
 
 def test_sft_through_the_cli(tiny_model_dir, chat_jsonl, tmp_path, capsys):
