@@ -329,31 +329,31 @@ def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
     # Pretend every backend is available: the choice itself is what is tested here.
     import fastlora.backend as fb
     import fastlora.ops.lora_linear as ll
-    from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends
+    from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends_uncached
 
     monkeypatch.setattr(fb, "available", lambda b: (True, None))
     monkeypatch.setattr(ll, "_gemv_missing", lambda: None)
     cuda = torch.device("cuda")
     T, C = Backend.TRITON, Backend.CUDA
-    assert _choose_backends(cuda, 1, torch.bfloat16, None) == (C, T)
-    assert _choose_backends(cuda, GEMV_MAX_M, torch.float16, None) == (C, T)
-    assert _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, None) == (T, T)
-    assert _choose_backends(cuda, 1, torch.float32, None) == (T, T)  # the GEMV is 16-bit only
-    assert _choose_backends(cuda, 1, torch.bfloat16, "triton") == (T, T)
-    assert _choose_backends(torch.device("cpu"), 1, torch.float32, None) == (Backend.CPP,) * 2
-    assert _choose_backends(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
+    assert _choose_backends_uncached(cuda, 1, torch.bfloat16, None) == (C, T)
+    assert _choose_backends_uncached(cuda, GEMV_MAX_M, torch.float16, None) == (C, T)
+    assert _choose_backends_uncached(cuda, GEMV_MAX_M + 1, torch.bfloat16, None) == (T, T)
+    assert _choose_backends_uncached(cuda, 1, torch.float32, None) == (T, T)  # the GEMV is 16-bit only
+    assert _choose_backends_uncached(cuda, 1, torch.bfloat16, "triton") == (T, T)
+    assert _choose_backends_uncached(torch.device("cpu"), 1, torch.float32, None) == (Backend.CPP,) * 2
+    assert _choose_backends_uncached(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
     with pytest.raises(ValueError, match="no cuda backend"):
-        _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
+        _choose_backends_uncached(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
     # an extension without the GEMV: Triton serves decode too, and says why
     import fastlora._ext
 
     monkeypatch.setattr(ll, "_gemv_missing", lambda: "no nf4_gemv")
     monkeypatch.setattr(fastlora._ext, "_warned", set())  # warn_once: fresh for this check
     with pytest.warns(RuntimeWarning, match="no nf4_gemv"):
-        assert _choose_backends(cuda, 1, torch.bfloat16, None) == (T, T)
+        assert _choose_backends_uncached(cuda, 1, torch.bfloat16, None) == (T, T)
     # a dtype without a GPU kernel: the reference, and it says so
     with pytest.warns(RuntimeWarning, match="no GPU kernel for torch.float64"):
-        assert _choose_backends(cuda, 1, torch.float64, None) == (Backend.REFERENCE,) * 2
+        assert _choose_backends_uncached(cuda, 1, torch.float64, None) == (Backend.REFERENCE,) * 2
 
 
 def test_dispatch_picks_each_path_at_its_sizes():
@@ -406,9 +406,22 @@ def test_buffer_path_reuses_one_buffer_across_layers(monkeypatch):
         y_ref = lora_linear_reference(x.double(), dense.double(), A.double(), B.double(), 0.5)
         assert_close(y, y_ref, rtol=1e-5, atol=2e-5)
         y.sum().backward()
-    assert len(seen) == 4  # forward and backward of each layer
+    # each layer's forward decodes; its backward, right after, finds its decode still
+    # in the buffer (a model's other layers would have overwritten it: then it decodes)
+    assert len(seen) == 2
     assert len({p for p, _ in seen}) == 1, "every call must reuse the same buffer"
     assert ll.dequant_buffer_bytes() == {"cpu/float32": N * K * 4}
+    # w1 again after w2 used the buffer: decoded again, and right
+    x, A, B, _ = make_inputs((3,), torch.float32)
+    y = lora_linear(x, w1, A, B, 0.5, None, backend="cpp")
+    assert len(seen) == 3
+    assert_close(y, lora_linear_reference(x.double(), d1.double(), A.double(), B.double(), 0.5), rtol=1e-5, atol=2e-5)
+    # an in-place change of the weight's bytes is seen (version counter), not served stale
+    with torch.no_grad():
+        w1.packed[:5] ^= 0x11
+    y2 = lora_linear(x, w1, A, B, 0.5, None, backend="cpp")
+    assert len(seen) == 4
+    assert_close(y2, lora_linear(x, w1, A, B, 0.5, None, backend="reference"), rtol=1e-6, atol=1e-6)
     ll.release_dequant_buffers()
     assert ll.dequant_buffer_bytes() == {}
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -128,6 +129,11 @@ class _DequantBuffer:
     """
 
     _buffers: dict = {}
+    # what each buffer holds: (weak refs to the weight's tensors, their versions, format),
+    # so a backward right after its forward (a lone layer, the last layer of a model)
+    # reuses the decode. A weak ref, not an address: a freed weight's memory may be
+    # reused by another weight; a version counter: in-place writes change it.
+    _holds: dict = {}
 
     @classmethod
     def get(cls, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -137,7 +143,29 @@ class _DequantBuffer:
             cls._buffers.pop(key, None)  # free the old one first: peak memory is one buffer
             buf = torch.empty(numel, dtype=dtype, device=device)
             cls._buffers[key] = buf
+        cls._holds.pop(key, None)  # the caller is about to overwrite it
         return buf[:numel]
+
+    @staticmethod
+    def _tag(tensors, fmt):
+        return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors) + fmt
+
+    @classmethod
+    def holding(cls, tensors, fmt, dtype, device) -> Optional[torch.Tensor]:
+        """The buffer if it still holds exactly this weight's decode, else None."""
+        key = (device, dtype)
+        tag = cls._holds.get(key)
+        if tag is None or tag[len(tensors):] != fmt:
+            return None
+        for t, held in zip(tensors, tag):
+            if (t is None) != (held is None) or (t is not None and (held[0]() is not t or held[1] != t._version)):
+                return None
+        n = fmt[0][0] * fmt[0][1]
+        return cls._buffers[key][:n]
+
+    @classmethod
+    def mark(cls, tensors, fmt, dtype, device) -> None:
+        cls._holds[(device, dtype)] = cls._tag(tensors, fmt)
 
     @classmethod
     def nbytes(cls) -> dict:
@@ -152,6 +180,7 @@ def dequant_buffer_bytes() -> dict:
 def release_dequant_buffers() -> None:
     """Free the reused dequantize buffers (they come back on the next large-M call)."""
     _DequantBuffer._buffers.clear()
+    _DequantBuffer._holds.clear()
 
 
 def _path(b: Backend, device_type: str, M: int, K: int, dtype: torch.dtype, forward: bool) -> str:
@@ -185,12 +214,18 @@ def _dense_weight(
     from ..nf4 import _dequantize_into
 
     n = shape[0] * shape[1]
-    dq = Backend.TRITON if backend is Backend.CUDA and packed.device.type == "cpu" else backend
-    if dq is Backend.TRITON and packed.device.type == "cuda":
-        dq = Backend.CUDA if _cuda_dequant_built() else Backend.TRITON
-    args = (packed, absmax, code, state2_absmax, state2_code, offset, blocksize, list(shape))
-    buf = _DequantBuffer.get(n, weight_dtype, packed.device).view(shape)
-    w = _dequantize_into(*args, weight_dtype, dq.value, out=buf)
+    tensors = (packed, absmax, code, state2_absmax, state2_code, offset)
+    fmt = (tuple(shape), blocksize)
+    w = _DequantBuffer.holding(tensors, fmt, weight_dtype, packed.device)
+    if w is None:
+        dq = backend
+        if dq in (Backend.TRITON, Backend.CUDA) and packed.device.type == "cuda":
+            dq = Backend.CUDA if _cuda_dequant_built() else Backend.TRITON
+        buf = _DequantBuffer.get(n, weight_dtype, packed.device)
+        w = _dequantize_into(*tensors[:2], code, *tensors[3:], blocksize, list(shape), weight_dtype, dq.value,
+                             out=buf.view(shape))
+        _DequantBuffer.mark(tensors, fmt, weight_dtype, packed.device)
+    w = w.view(shape)
     return w if weight_dtype == out_dtype else w.to(out_dtype)
 
 
@@ -380,6 +415,26 @@ def _is_nf4weight(w) -> bool:
     return nf4 is not None and type(w) is nf4.NF4Weight
 
 
+def _forward(x, dense, lora_A, lora_B, bias, meta, wt):
+    """The forward of :class:`LoRALinearFunction`: (y, dropout mask or None, xa). Called
+    directly, without the autograd Function, when nothing needs a gradient (inference,
+    generation), so a decode step pays for no autograd bookkeeping."""
+    scaling, p, wmeta, fwd_backend, _ = meta
+    (N, K), blocksize, wdtype = wmeta
+    mask = None
+    if p > 0.0:
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    xd = x if mask is None else _apply_dropout(x, mask, p)
+    xa = xd.to(lora_A.dtype) @ lora_A.t()  # (M, r) in the LoRA dtype
+    if dense is not None:
+        y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
+        y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
+    else:
+        op = _nf4_linear_fwd_impl if _eager(x) else nf4_linear_fwd
+        y = op(x, *wt, N, blocksize, wdtype, xa, lora_B, scaling, bias, fwd_backend.value)
+    return y, mask, xa
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Inputs: x2d ``(M, K)``; ``dense`` (the plain ``(N, K)`` weight, or None); A
     ``(r, K)``; B ``(N, r)``; bias ``(N,)`` or None; ``meta`` (scaling, dropout p, the
@@ -398,19 +453,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dense, lora_A, lora_B, bias, meta, *wt):
-        scaling, p, wmeta, fwd_backend, bwd_backend = meta
-        (N, K), blocksize, wdtype = wmeta
-        mask = None
-        if p > 0.0:
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-        xd = x if mask is None else _apply_dropout(x, mask, p)
-        xa = xd.to(lora_A.dtype) @ lora_A.t()  # (M, r) in the LoRA dtype
-        if dense is not None:
-            y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
-            y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
-        else:
-            op = _nf4_linear_fwd_impl if _eager(x) else nf4_linear_fwd
-            y = op(x, *wt, N, blocksize, wdtype, xa, lora_B, scaling, bias, fwd_backend.value)
+        y, mask, xa = _forward(x, dense, lora_A, lora_B, bias, meta, wt)
         ctx.save_for_backward(x, mask, xa, dense, lora_A, lora_B, *wt)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -587,8 +630,23 @@ def _gemv_missing() -> Optional[str]:
     return why
 
 
+_CHOICES: dict = {}
+
+
 def _choose_backends(device, M, dtype, backend):
-    """(forward, backward) backends for the NF4 path."""
+    """(forward, backward) backends for the NF4 path. The choice depends only on the
+    arguments below, the forced backend and what is installed, so it is made once per
+    combination (a decode step asks for it in every layer)."""
+    from ..backend import _forced
+
+    key = (device, M <= GEMV_MAX_M, dtype, backend, _forced.get())
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = _choose_backends_uncached(device, M, dtype, backend)
+    return hit
+
+
+def _choose_backends_uncached(device, M, dtype, backend):
     if device.type == "cuda":
         gpu_ok = dtype in _TRITON_DTYPES
         if not gpu_ok and Backend.parse(backend) in (None, Backend.AUTO):
@@ -679,5 +737,10 @@ def lora_linear(
         dense = None
         fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
     meta = (float(scaling), float(dropout), wmeta, fwd_b, bwd_b)
-    y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
+    if torch.is_grad_enabled() and (
+        x2d.requires_grad or lora_A.requires_grad or lora_B.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
+    else:
+        y = _forward(x2d, dense, lora_A, lora_B, bias, meta, wt)[0]
     return y.reshape(*lead, N)  # (..., N)
