@@ -13,9 +13,12 @@ constexpr, so the two orientations of the fused GEMM compile to different code).
 prints one row per compile (registers, spill stack, local loads, shared memory, MMA
 kind) and exits 1 on a compile error or a spill. tests/test_aot_compile.py runs it.
 
-Cost: each compile is ~1-3 s of CPU. Triton caches compiled kernels by source, options
-and target (~/.triton/cache or TRITON_CACHE_DIR), so a rerun with unchanged kernels
-costs only the cuobjdump reads; the specs are compiled in ``--jobs`` processes.
+Cost: ~100 compiles of 1-10 s of CPU each (~4 min of CPU, on 2 processes ~2-3 min of
+wall time on this project's 2-core machine). So the rows are recorded, with a SHA-256
+of every kernel source, this file and Triton's version, in aot_compile_results.json
+(``--update``); ``--cached`` (what CI runs) reuses them when that key matches and
+compiles everything again when any kernel changed. Triton's own cache
+(~/.triton/cache) makes a rerun on one machine cheap as well.
 """
 from __future__ import annotations
 
@@ -97,6 +100,9 @@ def specs():
     # stride is 1; backward dx: its row stride is 1), LoRA and bias on (the superset).
     for dname in L.GPU_DTYPES.values():
         for orient in ("fwd", "bwd"):
+          # the forward runs on a GPU only with one scale per row and tile (see
+          # lora_linear._path); the backward with either
+          for one_scale in ((True,) if orient == "fwd" else (True, False)):
             for c in L.dispatch_configs():
                 sig = {"x_ptr": f"*{dname}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                        "out_ptr": f"*{dname}", "left_ptr": f"*{dname}", "right_ptr": f"*{dname}",
@@ -107,9 +113,9 @@ def specs():
                 const = dict(BLOCKSIZE=NF4_BLOCKSIZE, W_DTYPE=fdt[dname], BF16_RNE_BY_BITS=False,
                              DOT_PRECISION="tf32", LORA_PRECISION="tf32", HAS_BIAS=True, HAS_LORA=True,
                              EVEN_Q=False, TRANS_W=orient == "fwd", BLOCK_R=16)
-                # K % 64 == 0 (every Llama shape): ONE_SCALE wherever the tile allows
-                extent = c.kwargs["BLOCK_Q"] if orient == "fwd" else c.kwargs["BLOCK_P"]
-                const["ONE_SCALE"] = extent <= NF4_BLOCKSIZE
+                # ONE_SCALE: one block scale per weight row and tile (rows of whole blocks,
+                # the tile's row extent within one); else a scale per byte
+                const["ONE_SCALE"] = one_scale
                 # JIT specialization: contiguous x / out / LoRA operands have unit strides
                 const.update(stride_xq=1, stride_op=1, stride_lr=1)
                 const.update(stride_rr=1 if orient == "fwd" else 0, stride_rp=1 if orient == "bwd" else 0)
@@ -119,7 +125,8 @@ def specs():
                     const.pop("stride_rr")
                 const.update(c.kwargs)
                 k = c.kwargs
-                name = (f"nf4_matmul[{dname},{orient},BM{k['BLOCK_M']},BP{k['BLOCK_P']},BQ{k['BLOCK_Q']},"
+                name = (f"nf4_matmul[{dname},{orient},{'one' if one_scale else 'per-byte'} scale,"
+                        f"BM{k['BLOCK_M']},BP{k['BLOCK_P']},BQ{k['BLOCK_Q']},"
                         f"w{c.num_warps},s{c.num_stages}]")
                 out.append((name, L._nf4_matmul_kernel, sig, const, c.num_warps, c.num_stages))
     return out
@@ -184,15 +191,53 @@ def run(archs=ARCHS, jobs: int = 2, name_filter: str = "") -> list[dict]:
         return list(pool.map(_compile_one, todo))
 
 
+RESULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_compile_results.json")
+
+
+def source_key(archs=ARCHS) -> str:
+    """What the compile results depend on: every kernel source, these specs, Triton's
+    version (its compiler and the ptxas it ships) and the targets."""
+    import hashlib
+    from importlib.metadata import version
+
+    h = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    kdir = os.path.join(here, "..", "fastlora", "kernels")
+    for path in sorted(os.path.join(kdir, f) for f in os.listdir(kdir) if f.endswith(".py")) + [__file__]:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    h.update(f"triton {version('triton')} archs {sorted(archs)}".encode())
+    return h.hexdigest()
+
+
+def cached_rows(archs=ARCHS):
+    """The recorded rows when they were made from exactly these sources, else None."""
+    try:
+        with open(RESULTS_FILE) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data["rows"] if data.get("key") == source_key(archs) else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--filter", default="")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--cached", action="store_true",
+                    help=f"reuse {os.path.basename(RESULTS_FILE)} when its source key matches (no compile)")
+    ap.add_argument("--update", action="store_true",
+                    help=f"record the rows and the source key in {os.path.basename(RESULTS_FILE)}")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(tuple(int(x) for x in a.arch.split(",")), a.jobs, a.filter)
+    archs = tuple(int(x) for x in a.arch.split(","))
+    rows = cached_rows(archs) if a.cached and not a.filter else None
+    if rows is not None:
+        print(f"source key matches {os.path.basename(RESULTS_FILE)}: {len(rows)} recorded compiles, none redone")
+    else:
+        rows = run(archs, a.jobs, a.filter)
     bad = 0
     for r in rows:
         if r["error"]:
@@ -207,6 +252,11 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if a.update and not a.filter and not bad:
+        tmp = RESULTS_FILE + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"key": source_key(archs), "rows": rows}, f, indent=1)
+        os.replace(tmp, RESULTS_FILE)
     return 1 if bad else 0
 
 

@@ -366,19 +366,24 @@ def test_dispatch_picks_each_path_at_its_sizes():
     bf16 = torch.bfloat16
     assert 1 <= GEMV_MAX_M < DENSE_MIN_M
     for fwd in (True, False):
-        assert _path(T, "cuda", GEMV_MAX_M + 1, 4096, bf16, fwd) == "fused"
-        assert _path(T, "cuda", DENSE_MIN_M - 1, 4096, bf16, fwd) == "fused"
-        assert _path(T, "cuda", DENSE_MIN_M, 4096, bf16, fwd) == "buffer"
-        assert _path(T, "cuda", 16384, 14336, torch.float16, fwd) == "buffer"
-        assert _path(T, "cuda", 8, 4096, torch.float32, fwd) == "buffer"  # no fp32 GEMM variant
-        assert _path(T, "cuda", 8, 4095, bf16, fwd) == "buffer"  # a byte would straddle rows
-        assert _path(T, "cpu", DENSE_MIN_M, 4096, torch.float32, fwd) == "fused"  # interpreter tests
+        assert _path(T, "cuda", GEMV_MAX_M + 1, 4096, bf16, fwd, 64) == "fused"
+        assert _path(T, "cuda", DENSE_MIN_M - 1, 4096, bf16, fwd, 64) == "fused"
+        assert _path(T, "cuda", DENSE_MIN_M, 4096, bf16, fwd, 64) == "buffer"
+        assert _path(T, "cuda", 16384, 14336, torch.float16, fwd, 64) == "buffer"
+        assert _path(T, "cuda", 8, 4096, torch.float32, fwd, 64) == "buffer"  # no fp32 GEMM variant
+        assert _path(T, "cuda", 8, 4095, bf16, fwd, 64) == "buffer"  # a byte would straddle rows
+        assert _path(T, "cpu", DENSE_MIN_M, 4096, torch.float32, fwd, 64) == "fused"  # interpreter tests
+        assert _path(T, "cpu", 8, 200, torch.float32, fwd, 64) == "fused"  # rows not whole blocks
+        # on a GPU only the spill-free variants: rows of whole blocks of >= 64 weights
+        assert _path(T, "cuda", 8, 4096, bf16, fwd, 128) == "fused"
+        assert _path(T, "cuda", 8, 4096, bf16, fwd, 32) == "buffer"
+        assert _path(T, "cuda", 8, 4096 + 32, bf16, fwd, 64) == "buffer"
         for b in (P, Rf):
-            assert _path(b, "cpu", 1, 4096, torch.float32, fwd) == "buffer"
-            assert _path(b, "cpu", 100000, 4096, bf16, fwd) == "buffer"
+            assert _path(b, "cpu", 1, 4096, torch.float32, fwd, 64) == "buffer"
+            assert _path(b, "cpu", 100000, 4096, bf16, fwd, 64) == "buffer"
     # the GEMV computes forwards only; its backward is a GEMM
-    assert _path(C, "cuda", 1, 4096, bf16, True) == "gemv"
-    assert _path(C, "cuda", 1, 4096, bf16, False) == "fused"
+    assert _path(C, "cuda", 1, 4096, bf16, True, 64) == "gemv"
+    assert _path(C, "cuda", 1, 4096, bf16, False, 64) == "fused"
 
 
 def test_buffer_path_reuses_one_buffer_across_layers(monkeypatch):

@@ -183,16 +183,22 @@ def release_dequant_buffers() -> None:
     _DequantBuffer._holds.clear()
 
 
-def _path(b: Backend, device_type: str, M: int, K: int, dtype: torch.dtype, forward: bool) -> str:
+def _path(b: Backend, device_type: str, M: int, K: int, dtype: torch.dtype, forward: bool, blocksize: int) -> str:
     """Which of "gemv", "fused", "buffer" computes this call (see above)."""
     if b is Backend.CUDA:
-        return "gemv" if forward else _path(Backend.TRITON, device_type, M, K, dtype, forward)
+        return "gemv" if forward else _path(Backend.TRITON, device_type, M, K, dtype, forward, blocksize)
     if b is not Backend.TRITON:
         return "buffer"
     if K % 2:  # the fused kernel decodes whole bytes: a byte may not straddle two rows
         return "buffer"
-    if device_type == "cuda" and (M >= DENSE_MIN_M or dtype not in _FUSED_GPU_DTYPES):
-        return "buffer"
+    if device_type == "cuda":
+        if M >= DENSE_MIN_M or dtype not in _FUSED_GPU_DTYPES:
+            return "buffer"
+        # The GPU variants proven spill-free (tests/test_aot_compile.py) read one block
+        # scale per weight row and K tile: rows of whole blocks of at least 64 weights
+        # (bitsandbytes' default is 64). Other layouts take the buffer path on a GPU.
+        if K % blocksize or blocksize < 64:
+            return "buffer"
     return "fused"
 
 
@@ -266,7 +272,7 @@ def _nf4_linear_fwd_impl(
     b = Backend(backend)
     N, K = out_features, x.shape[1]
     stats = (state2_absmax, state2_code, offset)
-    path = _path(b, x.device.type, x.shape[0], K, x.dtype, True)
+    path = _path(b, x.device.type, x.shape[0], K, x.dtype, True, blocksize)
     if path == "fused":
         from ..kernels.lora_linear_triton import nf4_matmul
 
@@ -314,7 +320,7 @@ def _nf4_linear_bwd_input_impl(
     b = Backend(backend)
     N, K = dy.shape[1], in_features
     stats = (state2_absmax, state2_code, offset)
-    if _path(b, dy.device.type, dy.shape[0], K, dy.dtype, False) == "fused":
+    if _path(b, dy.device.type, dy.shape[0], K, dy.dtype, False, blocksize) == "fused":
         from ..kernels.lora_linear_triton import nf4_matmul
 
         return nf4_matmul(

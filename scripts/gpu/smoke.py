@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         A = (torch.randn(r, H, generator=g) * H**-0.5).to(dev, bf16)
         B = (torch.randn(I, r, generator=g) * 0.02).to(dev, bf16)
         for M in (1, min(64, big_m), big_m):
-            what = "decode" if M == 1 else LL._path(LL.Backend.TRITON, dev, M, H, bf16, True)
+            what = "decode" if M == 1 else LL._path(LL.Backend.TRITON, dev, M, H, bf16, True, 64)
             x = torch.randn(M, H, generator=g).to(dev, bf16).requires_grad_(what != "decode")
             if what == "decode":
                 with torch.no_grad():
