@@ -146,26 +146,27 @@ class _DequantBuffer:
         cls._holds.pop(key, None)  # the caller is about to overwrite it
         return buf[:numel]
 
-    @staticmethod
-    def _tag(tensors, fmt):
-        return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors) + fmt
-
     @classmethod
     def holding(cls, tensors, fmt, dtype, device) -> Optional[torch.Tensor]:
         """The buffer if it still holds exactly this weight's decode, else None."""
         key = (device, dtype)
-        tag = cls._holds.get(key)
-        if tag is None or tag[len(tensors):] != fmt:
+        held = cls._holds.get(key)
+        if held is None or held[2] != fmt:
             return None
-        for t, held in zip(tensors, tag):
-            if (t is None) != (held is None) or (t is not None and (held[0]() is not t or held[1] != t._version)):
+        refs, versions = held[0], held[1]
+        for t, ref, version in zip(tensors, refs, versions):
+            if t is None:
+                if ref is not None:
+                    return None
+            elif ref is None or ref() is not t or t._version != version:
                 return None
-        n = fmt[0][0] * fmt[0][1]
-        return cls._buffers[key][:n]
+        return cls._buffers[key][: fmt[0][0] * fmt[0][1]]
 
     @classmethod
     def mark(cls, tensors, fmt, dtype, device) -> None:
-        cls._holds[(device, dtype)] = cls._tag(tensors, fmt)
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        versions = tuple(None if t is None else t._version for t in tensors)
+        cls._holds[(device, dtype)] = (refs, versions, fmt)
 
     @classmethod
     def nbytes(cls) -> dict:
@@ -473,8 +474,10 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
 
         g = dy.to(lora_B.dtype)  # (M, N): PEFT's LoRA branch runs in its own dtype
-        dB = (g.t() @ xa) * scaling if need_B else None  # (N, r)
-        dxa = (g @ lora_B) * scaling if (need_A or need_x) else None  # (M, r)
+        # the products with the scaling folded in (one BLAS call each, alpha = scaling)
+        zero = g.new_zeros(())
+        dB = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling) if need_B else None  # (N, r)
+        dxa = torch.addmm(zero, g, lora_B, beta=0, alpha=scaling) if (need_A or need_x) else None  # (M, r)
         dA = None
         if need_A:
             xd = x if mask is None else _apply_dropout(x, mask, p)
