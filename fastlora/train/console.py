@@ -11,18 +11,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import sys
 import warnings
 from typing import Any, Iterator, TextIO
 
 # (category, message regex, module regex): warnings raised inside the libraries we call, about
-# their own internals, that no option of ours changes.
+# their own internals, that no option of ours changes. Each was seen in a run (2026-12-01):
+# PEFT asks transformers 5.x for `is_gradient_checkpointing`, which warns on every run; torch's
+# jit warns while transformers imports its scripted helpers.
 THIRD_PARTY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (FutureWarning, r".*", r"(transformers|peft|bitsandbytes|accelerate|huggingface_hub|datasets)(\.|$)"),
-    (DeprecationWarning, r".*", r"(transformers|peft|bitsandbytes|accelerate|huggingface_hub|datasets)(\.|$)"),
-    (UserWarning, r".*torch\.utils\.checkpoint: the use_reentrant parameter.*", r".*"),
-    (UserWarning, r".*MatMul8bitLt: inputs will be cast.*", r".*"),
-    (UserWarning, r".*Input type into Linear4bit is torch\.float16.*", r".*"),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers(\.|$)"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch(\.|$)"),
+)
+# (logger, message regex): log records of the same kind. bitsandbytes looks for an optional CPU
+# kernel package at import and logs its absence; transformers 5.x logs the renaming of
+# `past_key_values` when a model output is built with the old name (fastlora/patch/head.py does).
+THIRD_PARTY_LOG_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("transformers.utils.generic", r"`past_key_values`/`cache_params` are deprecated"),
 )
 
 
@@ -127,13 +135,26 @@ def quiet_third_party(*, bars: bool = True) -> Iterator[None]:
         for category, message, module in THIRD_PARTY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
         restore = []
+        for name, pattern in THIRD_PARTY_LOG_MESSAGES:
+            logger, drop = logging.getLogger(name), _Drop(pattern)
+            logger.addFilter(drop)
+            restore.append(lambda logger=logger, drop=drop: logger.removeFilter(drop))
         if not bars:
-            restore = _bars_off()
+            restore += _bars_off()
         try:
             yield
         finally:
             for undo in restore:
                 undo()
+
+
+class _Drop(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 def _bars_off() -> list:

@@ -277,3 +277,90 @@ def test_full_disk_at_the_final_save_keeps_the_run(tiny_model_dir, chat_jsonl, t
         saved = load_file(out / "adapter" / "adapter_model.safetensors")
         assert saved.keys() and all(torch.isfinite(v).all() for v in saved.values())
         assert not lifecycle.rescue_dir(out).exists()  # cleaned once the run is complete
+
+
+@requires_bnb
+def test_no_progress_output_finished_run_and_moved_run_dir(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch, capsys):
+    """--no-progress prints data stats, a line per logged step and the summary; no third-party
+    FutureWarning reaches the user; --resume of a finished run changes nothing; a run killed at
+    step 3, moved, with its newest checkpoint damaged, resumes from the one before (named) with
+    the same losses as the uninterrupted run."""
+    import warnings
+
+    from fastlora.train import SFTConfig, sft
+
+    def cfg(out, **kw):
+        base = dict(model=str(tiny_model_dir), data=[str(chat_jsonl)], output_dir=str(out), max_steps=4,
+                    batch_size=4, lr=5e-3, warmup_steps=1, eval_split=0.0, max_length=48, measure_forgetting=False,
+                    progress=False, lora_r=2, lora_alpha=4, lora_dropout=0.1, seed=3, log_every=2,
+                    target_modules=["q_proj", "v_proj"], patch=False)
+        return SFTConfig(**(base | kw))
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in ckpt.read_jsonl(out / "metrics.jsonl") if "event" not in r}
+
+    a = tmp_path / "a"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft(cfg(a, log_every=1))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                and "transformers" in w.filename], [str(w.message) for w in caught]
+    out = capsys.readouterr().out
+    assert "train data: 24/24 examples kept" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1/4", "2/4", "3/4", "4/4"]
+    assert f"adapter saved to {a / 'adapter'}" in out and "final train loss" in out
+    losses_a = losses(a)
+
+    # --resume on the finished run: says so, returns its summary, touches nothing.
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in a.rglob("*") if p.is_file()}
+    summary = sft(cfg(a, resume=True, log_every=1))
+    assert summary["steps"] == 4 and "is finished" in capsys.readouterr().out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in a.rglob("*") if p.is_file()} == before
+
+    # Killed after step 3 (checkpoints at 2 and 3), moved, newest checkpoint damaged.
+    b = tmp_path / "b"
+
+    def kill(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sft(cfg(b, save_every=1), on_step=kill)
+    moved = tmp_path / "elsewhere" / "b"
+    moved.parent.mkdir()
+    shutil.move(str(b), str(moved))
+    damaged = moved / "checkpoints" / "step-000003" / ckpt.TENSORS_FILE
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    (moved / ".tmp-adapter.stale").mkdir()  # left by a kill during a final save
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sft(cfg("b/", save_every=1, resume=True, data=[os.path.relpath(chat_jsonl)]))
+    out = capsys.readouterr().out
+    assert f"b/checkpoints/step-000003/{ckpt.TENSORS_FILE} is damaged" in out and "resumed from b/checkpoints/step-000002 at step 2/4" in out
+    assert not (moved / ".tmp-adapter.stale").exists()
+    # log_every=2 here: steps 2 (from before the kill) and 4 are logged; their losses are run a's.
+    got = losses(moved)
+    assert sorted(got) == [2, 4]
+    for s in got:
+        assert got[s] == pytest.approx(losses_a[s], rel=1e-6, abs=1e-7), (s, got, losses_a)
+
+
+def test_progress_off_a_terminal_is_plain_lines_at_the_logging_interval():
+    import io
+
+    from fastlora.train.console import Console
+
+    out, err = io.StringIO(), io.StringIO()  # a log file: not a terminal
+    console = Console(progress=True, stream=out, bar_stream=err)
+    assert console.bars is False
+    with console.progress(5, desc="sft", log_every=2) as bar:
+        for step in range(1, 6):
+            bar.update(step, {"loss": 1.0 / step, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_second": 100.0,
+                              "reward": 0.25})
+        console.log("adapter saved")
+    lines = out.getvalue().splitlines()
+    assert lines == ["step 2/5  loss 0.5000  lr 1.00e-04  grad_norm 0.500  tok/s 100  reward 0.25",
+                     "step 4/5  loss 0.2500  lr 1.00e-04  grad_norm 0.500  tok/s 100  reward 0.25",
+                     "step 5/5  loss 0.2000  lr 1.00e-04  grad_norm 0.500  tok/s 100  reward 0.25",
+                     "adapter saved"]
+    assert err.getvalue() == "" and "\r" not in out.getvalue()
