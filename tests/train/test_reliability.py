@@ -364,3 +364,37 @@ def test_progress_off_a_terminal_is_plain_lines_at_the_logging_interval():
                      "step 5/5  loss 0.2000  lr 1.00e-04  grad_norm 0.500  tok/s 100  reward 0.25",
                      "adapter saved"]
     assert err.getvalue() == "" and "\r" not in out.getvalue()
+
+
+def test_full_disk_during_a_checkpoint_names_the_disk_and_training_goes_on(tmp_path, monkeypatch):
+    """Before: ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos``."""
+    from safetensors.torch import save_file
+
+    class Adapter:  # writes its weights with safetensors, as PEFT does
+        def save_pretrained(self, d):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            save_file({"w": torch.ones(64, 1024)}, str(Path(d) / "adapter_model.safetensors"))
+
+    param = torch.nn.Parameter(torch.zeros(64, 1024))
+    opt = torch.optim.AdamW([param])
+    param.grad = torch.ones_like(param)
+    opt.step()
+    out = tmp_path / "disk"
+    with _tmpfs(out, "1m") as mounted:
+        if mounted:
+            _fill(out)
+        else:
+            real = ckpt.write_dir_atomic
+            monkeypatch.setattr(ckpt, "write_dir_atomic", lambda t, f: real(t, lambda d: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))))
+        with pytest.raises(OSError) as info:
+            ckpt.save_checkpoint(out, 5, Adapter(), opt, None, {"micro": 5})
+        assert info.value.errno == errno.ENOSPC and str(out / "checkpoints") in info.value.filename
+        assert not [p for p in (out / "checkpoints").iterdir()]  # no half-written checkpoint left
+        warned = []
+
+        class Log:
+            warn = warned.append
+
+        assert lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, 5, Adapter(), opt, None, {}), log=Log) is None
+        assert len(warned) == 1 and "No space left on device" in warned[0] and "training goes on" in warned[0]
