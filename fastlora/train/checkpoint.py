@@ -109,8 +109,8 @@ _HINTS = {
     _errno.ENOSPC: "free some space or choose another --output-dir",
     _errno.EDQUOT: "free some space or choose another --output-dir",
     _errno.EROFS: "the file system is read-only: choose another --output-dir",
-    _errno.EACCES: "check the permissions or choose another --output-dir",
-    _errno.EPERM: "check the permissions or choose another --output-dir",
+    _errno.EACCES: "check the permissions of that path",
+    _errno.EPERM: "check the permissions of that path",
 }
 
 

@@ -190,3 +190,16 @@ def test_read_only_output_dir_fails_before_the_model_loads(tiny_model_dir, chat_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"output dir {out} (to be created in {tmp_path}) is not writable: Read-only file system" in err
+
+
+def test_resume_of_a_finished_run_exits_0(monkeypatch, tmp_path, capsys):
+    from fastlora.train.run import RunFinished
+
+    (tmp_path / "summary.json").write_text("{}")
+
+    def finished(cfg):  # what a trainer's check_output_dir raises (the reward-model and PPO trainers too)
+        raise RunFinished(tmp_path)
+
+    monkeypatch.setattr("fastlora.train.sft", finished)
+    assert cli.main(["sft", "--resume"]) == 0
+    assert "is finished" in capsys.readouterr().out
