@@ -273,10 +273,10 @@ def preflight(output_dir: str | os.PathLike, *, need_bytes: int = 0, why: str = 
             pass
     except OSError as e:
         reason = e.strerror or str(e)
-        hint = ("the file system is read-only" if e.errno == errno.EROFS else
-                "you lack write permission there" if e.errno in (errno.EACCES, errno.EPERM) else "it cannot be written")
+        if e.errno in (errno.EACCES, errno.EPERM):
+            reason += " (you lack write permission there)"
         where = str(d) if probe_dir == d else f"{d} (to be created in {probe_dir})"
-        raise EnvironmentFailure(e.errno or errno.EIO, f"output dir {where} is not writable: {reason} ({hint}); "
+        raise EnvironmentFailure(e.errno or errno.EIO, f"output dir {where} is not writable: {reason}; "
                                  f"choose another --output-dir", d) from None
     free = ckpt.free_bytes(probe_dir)
     if need_bytes and free < need_bytes:
