@@ -269,7 +269,8 @@ def _load_json(p: Path, where: list[str]) -> list[dict]:
     if items_at == i:  # a top-level list: nothing may follow it
         rest = _skip_ws(text, end)
         if rest < len(text):
-            raise ValueError(f"{p}, line {text.count(chr(10), 0, rest) + 1}: malformed JSON (extra data after the list)")
+            line = text.count("\n", 0, rest) + 1
+            raise ValueError(f"{p}, line {line}: malformed JSON (extra data after the list)")
     return records
 
 

@@ -327,7 +327,7 @@ def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
         raise FinalSaveFailed(err, f"could not save the {name} to {target} ({err.strerror}); the trained {name} is "
                                    f"safe in {what}: {saved}. To finish, {finish}", saved.parent) from None
     raise FinalSaveFailed(err, f"could not save the {name} to {target} ({err.strerror}), nor an emergency copy ("
-                               + "; ".join(attempts) + f"); the trained weights are lost once this process ends", None)
+                               + "; ".join(attempts) + "); the trained weights are lost once this process ends", None)
 
 
 def _write_rescue_marker(out: Path, root: Path) -> None:

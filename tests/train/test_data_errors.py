@@ -64,14 +64,15 @@ def test_every_format_names_its_source(tmp_path):
         w.writerow(["prompt", "completion"])
         w.writerow(["two\nlines", "x"])
         w.writerow(["p", "y"])
-    records, origins = [], []
-    records = D.load_records(p, origins=origins)
+    origins = []
+    D.load_records(p, origins=origins)
     assert origins == [f"{p}, row 1 (line 2)", f"{p}, row 2 (line 4)"]
     # a datasets dir: the split and index
     d = tmp_path / "ds"
     datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]) \
         .save_to_disk(str(d))
-    with pytest.raises(ValueError, match=r"ds, index 1: prompt_completion record: column 'completion' must be a string, got NoneType"):
+    with pytest.raises(ValueError, match=r"ds, index 1: prompt_completion record: column 'completion' must be a "
+                                         r"string, got NoneType"):
         load_data(SFTConfig(data=[str(d)], eval_split=0.0))
 
 

@@ -338,7 +338,8 @@ def test_no_progress_output_finished_run_and_moved_run_dir(tiny_model_dir, chat_
     monkeypatch.chdir(tmp_path / "elsewhere")
     sft(cfg("b/", save_every=1, resume=True, data=[os.path.relpath(chat_jsonl)]))
     out = capsys.readouterr().out
-    assert f"b/checkpoints/step-000003/{ckpt.TENSORS_FILE} is damaged" in out and "resumed from b/checkpoints/step-000002 at step 2/4" in out
+    assert f"b/checkpoints/step-000003/{ckpt.TENSORS_FILE} is damaged" in out
+    assert "resumed from b/checkpoints/step-000002 at step 2/4" in out
     assert not (moved / ".tmp-adapter.stale").exists()
     # log_every=2 here: steps 2 (from before the kill) and 4 are logged; their losses are run a's.
     got = losses(moved)
