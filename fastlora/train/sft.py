@@ -486,11 +486,13 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
         ax.legend(handles, labels, loc="upper right")
     ax.set_title("fastlora sft")
     fig.tight_layout()
+    import io
+
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(png_path)
+    ckpt.write_bytes_atomic(png_path, buf.getvalue())  # fsynced, umask permissions, like every output
     return png_path
 
 
