@@ -406,6 +406,8 @@ def check_records(records: list[dict], fmt: str, origins: list[str] | None = Non
         problem = record_problem(r, fmt)
         if problem is not None:
             at = origins[i] if origins and i < len(origins) else f"record {i}"
+            if i == 0 and "missing column" in problem:  # likely the wrong --data-format, not one bad record
+                problem += f"; accepted formats: {_accepted()}"
             raise ValueError(f"{at}: {problem}")
 
 
