@@ -19,18 +19,87 @@ import sys
 import typing
 from typing import Sequence
 
+# One real sentence per SFTConfig option (tests/train/test_cli.py checks that none is missing).
+# "(default: ...)" is appended from the dataclass unless the text already says what the default is.
 _HELP = {
     "model": "local Hugging Face model dir (default: the embedded SmolLM2-135M-Instruct)",
-    "data": "training files (.jsonl/.json/.csv) or datasets dirs (default: the embedded healthcare task)",
-    "data_format": "auto | alpaca | prompt_completion | messages | text",
-    "eval_data": "held-out files (default: --eval-split of the training data)",
-    "test_data": "files scored with the task metric (exact match) before and after training",
-    "target_modules": "LoRA target module names, or all-linear",
+    "cache_dir": "where the embedded GGUF model is converted once (default: ~/.cache/fastlora)",
+    "load_in_4bit": "load the base model 4-bit NF4 with double quantization through bitsandbytes",
+    "dtype": "compute dtype: auto = bfloat16 on GPU, float32 on CPU; or float32, bfloat16, float16",
+    "device": "cuda, cuda:N or cpu; auto = cuda when available, else cpu",
     "patch": "use fastlora's kernels (--no-patch: the plain transformers+bnb+PEFT baseline)",
-    "resume": "continue the run in --output-dir from its last checkpoint",
+    "data": "training files (.jsonl/.json/.csv) or datasets dirs (default: the embedded healthcare task)",
+    "data_format": "auto (from the columns) | alpaca | prompt_completion | messages | text",
+    "eval_data": "held-out files (default: --eval-split of the training data)",
+    "eval_split": "fraction of the training records held out for evaluation when --eval-data is not given",
+    "test_data": "files scored with the task metric (exact match) before and after training (default: none)",
+    "max_length": "tokens per example; longer examples are truncated on the right",
+    "packing": "pack several examples into each row of --max-length tokens (no padding, no cross-attention)",
+    "general_mix": ("fraction of general chat data mixed into training, against forgetting "
+                    "(default: 0.2 on the embedded task, else 0)"),
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
+    "lora_dropout": "dropout on the LoRA input",
+    "target_modules": "LoRA target module names (e.g. q_proj v_proj), or all-linear",
+    "optimizer": "auto = paged 8-bit AdamW on GPU, torch AdamW on CPU; or adamw, paged_adamw_8bit",
+    "lr": "peak learning rate (default: 5e-4 on the embedded task, else 2e-4)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "optimizer steps of linear warmup",
+    "scheduler": "learning-rate schedule after warmup: cosine, linear or constant",
+    "max_grad_norm": "clip the gradient norm to this value; 0 disables clipping",
+    "batch_size": "examples per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "optimizer steps; 0 = run --epochs epochs (default: 60 on the embedded task, else 0)",
+    "epochs": "passes over the training data when --max-steps is 0",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
+    "seed": "seed of the data order, the eval split, LoRA init and dropout",
+    "eval_every": "evaluate every N optimizer steps; 0 = only at the end",
+    "eval_metric": "early-stopping metric: auto = accuracy when a task metric exists, else loss",
+    "eval_max_examples": "held-out examples used per evaluation; 0 = all",
+    "test_max_examples": "test examples scored before and after training; 0 = all",
+    "early_stopping_patience": "evaluations without improvement before stopping; 0 = off",
+    "eval_batch_size": "batch size of evaluation and generation",
+    "max_new_tokens": "tokens generated per answer when scoring accuracy",
+    "measure_forgetting": "measure general QA accuracy and perplexity before and after training",
     "output_dir": "where the adapter, metrics.jsonl, curve.png and summary.json go",
-    "general_mix": "fraction of general chat data mixed into training (against forgetting)",
+    "save_every": "write a resumable checkpoint every N optimizer steps; 0 = none",
+    "keep_checkpoints": "checkpoints kept (the newest); 0 = all",
+    "resume": ("continue the run in --output-dir from its newest valid checkpoint (it must have one); "
+               "--resume=auto starts the run if there is none; a finished run is left untouched (default: off)"),
+    "log_every": "log the training metrics every N optimizer steps",
+    "progress": "progress bars at a terminal (--no-progress: none; plain lines are printed in any case)",
 }
+
+
+def _help_text(name: str, default) -> str:
+    text = _HELP[name]
+    if "default" in text or default is dataclasses.MISSING or default is None:
+        return text
+    shown = " ".join(default) if isinstance(default, list) else default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    return f"{text} (default: {shown})"
+
+
+def _resume_value(text: str):
+    low = text.lower()
+    if low == "auto":
+        return "auto"
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto (or yes/no), got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (the number of CPU threads), got {n}")
+    return n
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -41,11 +110,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        default_txt = f" (default: {f.default})" if f.default is not dataclasses.MISSING else ""
-        help_txt = _HELP.get(f.name, f.name.replace("_", " ")) + default_txt
+        help_txt = _help_text(f.name, f.default)
         # SUPPRESS: only flags actually given override the YAML file / the dataclass defaults.
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_txt)
-        if hint is bool:
+        if f.name == "resume":  # --resume, --resume=auto, --no-resume
+            p.add_argument(flag, nargs="?", const=True, type=_resume_value, metavar="auto", **kw)
+            p.add_argument("--no-resume", dest=f.name, action="store_const", const=False,
+                           default=argparse.SUPPRESS, help="start fresh (the output dir must not hold a run)")
+        elif hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif any(typing.get_origin(a) is list for a in args):
             p.add_argument(flag, nargs="+", metavar="VALUE", **kw)
@@ -58,34 +130,53 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    try:  # fastlora.bench imports the stdlib only: cheap
+        from .bench import AREAS, PRESETS
+    except ImportError:  # a checkout without the runner: bench then says so when run
+        AREAS, PRESETS = (), ()
+
     parser = argparse.ArgumentParser(prog="fastlora", description="fused NF4+LoRA kernels and a thin QLoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sft = sub.add_parser("sft", help="QLoRA supervised fine-tuning (no arguments: the embedded healthcare demo)")
-    sft.add_argument("--config", help="YAML file of SFTConfig options; flags override it")
-    sft.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sft = sub.add_parser("sft", help="QLoRA supervised fine-tuning (no arguments: the embedded healthcare demo)",
+                         description="QLoRA supervised fine-tuning. With no arguments: the embedded healthcare "
+                                     "demo on SmolLM2-135M-Instruct.")
+    sft.add_argument("--config", help="YAML file of SFTConfig options; flags override it (default: none)")
+    sft.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch CPU threads, >= 1 (default: torch's choice)")
     _add_config_flags(sft)
 
     merge = sub.add_parser("merge", help="merge an adapter into its dequantized base; write a 16-bit model")
     merge.add_argument("--adapter", required=True, help="PEFT adapter dir (e.g. runs/sft/adapter)")
     merge.add_argument("--output", required=True, help="new directory for the merged model")
     merge.add_argument("--model", default=None, help="base model dir (default: the adapter's base_model_name_or_path)")
-    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    merge.add_argument("--cache-dir", default=None)
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                       help="dtype of the merged weights (default: bfloat16)")
+    merge.add_argument("--cache-dir", default=None,
+                       help="where the embedded GGUF model is converted once (default: ~/.cache/fastlora)")
 
-    bench = sub.add_parser("bench", help="run the benchmark suite (fastlora.bench)")
-    bench.add_argument("--preset", default="tiny")
-    bench.add_argument("--only", nargs="+", default=None)
-    bench.add_argument("--results-dir", default=None)
+    bench = sub.add_parser("bench", help="run the benchmark suite (fastlora.bench)",
+                           description=f"Run the benchmark suite. Presets: {', '.join(PRESETS)}. "
+                                       f"Areas: {', '.join(AREAS)}.")
+    bench.add_argument("--preset", default="tiny", choices=PRESETS or None,
+                       help=f"problem sizes: {', '.join(PRESETS)} (default: tiny)")
+    bench.add_argument("--only", nargs="+", default=None, metavar="AREA",
+                       help=f"run only these areas: {', '.join(AREAS)} (default: all)")
+    bench.add_argument("--results-dir", default=None,
+                       help="where the results go (default: benchmarks/results of the checkout)")
 
     sub.add_parser("info", help="print the backends available on this machine")
+    # Every subcommand, including those added above this line by other modules' helpers, gets --debug.
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error (default: one line)")
     return parser
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     from .train import SFTConfig, sft
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads", "debug")}
     if args.config:
         cfg = SFTConfig.from_yaml(args.config, **overrides)
     else:
@@ -131,14 +222,44 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+    debug = getattr(args, "debug", False)
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"fastlora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        # bad input: a file, an option, a model path (exit 2)
+        return _fail(args.command, str(e), 2, debug)
+    except OSError as e:
+        # the environment: full disk, read-only or permission-denied path (exit 1)
+        from .train.checkpoint import describe_os_error
+
+        return _fail(args.command, describe_os_error(e), 1, debug)
     except KeyboardInterrupt:
         print(f"fastlora {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _run_finished() as e:  # --resume on a finished run: nothing to do, not an error
+        print(f"fastlora {args.command}: {e}")
+        return 0
+
+
+def _run_finished() -> type[BaseException]:
+    # Looked up only when an exception got this far; the trainers' module is loaded by then.
+    mod = sys.modules.get("fastlora.train.run")
+    return mod.RunFinished if mod is not None else _Never
+
+
+class _Never(Exception):
+    pass
+
+
+def _fail(command: str, message: str, status: int, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    else:
+        message += " (--debug shows the traceback)" if status == 1 else ""
+    print(f"fastlora {command}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class SFTConfig:
     output_dir: str = "runs/sft"
     save_every: int = 0  # steps; 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool | str = False  # True: continue from the newest valid checkpoint (must exist); "auto": or start
     log_every: int = 1
     progress: bool = True
 
@@ -125,6 +125,8 @@ class SFTConfig:
             raise ValueError(f"general_mix must be in [0, 1), got {self.general_mix}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
+        if self.resume not in (False, True, "auto"):
+            raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
 

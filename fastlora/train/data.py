@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,24 @@ class PrepStats:
     dropped_empty: int = 0
     trained_tokens: int = 0
     tokens: int = 0
+    empty_responses: int = 0  # records whose answer is empty: they train the end-of-sequence token only
+    empty_examples: list = field(default_factory=list)  # where the first few of them are
 
     def __str__(self) -> str:
         return (
             f"{self.kept}/{self.total} examples kept, {self.truncated} truncated, "
-            f"{self.dropped_empty} dropped with no trained token left; "
-            f"{self.tokens} tokens, {self.trained_tokens} trained"
+            f"{self.dropped_empty} dropped with no trained token left"
+            + (f", {self.empty_responses} with an empty response" if self.empty_responses else "")
+            + f"; {self.tokens} tokens, {self.trained_tokens} trained"
         )
+
+    def warnings(self) -> list[str]:
+        """Lines worth a warning in the log."""
+        if not self.empty_responses:
+            return []
+        where = "; e.g. " + ", ".join(self.empty_examples) if self.empty_examples else ""
+        return [f"{self.empty_responses} of {self.total} records have an empty response: they train only the "
+                f"end-of-sequence token{where}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,28 +106,33 @@ class PrepStats:
 # --------------------------------------------------------------------------------------------
 
 
-def load_records(path: str | os.PathLike, *, split: str = "train") -> list[dict]:
+def load_records(path: str | os.PathLike, *, split: str = "train", origins: list[str] | None = None) -> list[dict]:
     """Read a dataset file into a list of dicts.
 
     Accepts ``.jsonl`` (one object per line; blank lines skipped), ``.json`` (a list of objects,
     or an object whose ``"data"`` is that list), ``.csv`` (header row = columns), or a directory
     saved by ``datasets`` (``save_to_disk``; for a ``DatasetDict`` the ``split`` is taken).
-    Raises FileNotFoundError for a missing path and ValueError, naming the file (and the line
-    of a malformed JSONL line), for anything unreadable or empty.
+    Raises FileNotFoundError for a missing path and ValueError, naming the file and the line (the
+    byte of invalid UTF-8, the CSV row, the ``datasets`` index), for anything unreadable, for
+    duplicate JSON keys, and for an empty file.
+
+    ``origins``: when given, one ``"file, line N"`` (``"file, row N (line L)"``, ``"dir, index N"``)
+    is appended per record, for error messages that point at the record's source.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"dataset not found: {str(p)!r}")
+    where: list[str] = []
     if p.is_dir():
-        records = _load_saved_dataset(p, split)
+        records = _load_saved_dataset(p, split, where)
     else:
         suffix = p.suffix.lower()
         if suffix == ".jsonl":
-            records = _load_jsonl(p)
+            records = _load_jsonl(p, where)
         elif suffix == ".json":
-            records = _load_json(p)
+            records = _load_json(p, where)
         elif suffix == ".csv":
-            records = _load_csv(p)
+            records = _load_csv(p, where)
         else:
             raise ValueError(
                 f"{p}: unsupported dataset file type {suffix or '(no extension)'!r}; "
@@ -123,6 +140,8 @@ def load_records(path: str | os.PathLike, *, split: str = "train") -> list[dict]
             )
     if not records:
         raise ValueError(f"{p}: the dataset is empty (no records)")
+    if origins is not None:
+        origins.extend(where)
     return records
 
 
@@ -130,67 +149,170 @@ def load_records(path: str | os.PathLike, *, split: str = "train") -> list[dict]
 # which would otherwise become part of the first column name or a JSON syntax error.
 
 
-def _load_jsonl(p: Path) -> list[dict]:
+def _decode(p: Path, data: bytes, *, first_line: int = 1, offset: int = 0) -> str:
+    """UTF-8 text of ``data`` (a line, or the whole file); invalid bytes are reported by file, line and byte."""
+    try:
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        bad = data[e.start:e.end].hex(" ")
+        raise ValueError(f"{p}, line {line}, byte {col} (file offset {offset + e.start}): not valid UTF-8 "
+                         f"(0x{bad}); save the file as UTF-8") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def _parse_json(p: Path, text: str, line: int | None, start: int = 0) -> tuple[Any, int]:
+    """One JSON value of ``text`` from ``start``: (value, end). Errors name the file and the line."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except _DuplicateKey as e:
+        at = line if line is not None else text.count("\n", 0, start) + 1
+        raise ValueError(f"{p}, line {at}: duplicate key {e.key!r} in a JSON object (the record is ambiguous: "
+                         "keep one)") from None
+    except json.JSONDecodeError as e:
+        at = line if line is not None else e.lineno
+        raise ValueError(f"{p}, line {at}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def _load_jsonl(p: Path, where: list[str]) -> list[dict]:
     records = []
-    with open(p, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
+    offset = 0
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(p, raw, first_line=lineno, offset=offset)
+            offset += len(raw)
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}, line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            obj, end = _parse_json(p, line, lineno, len(line) - len(line.lstrip()))
+            if line[end:].strip():
+                raise ValueError(f"{p}, line {lineno}: malformed JSON (extra data after the object at column "
+                                 f"{end + 1}; one object per line)")
             if not isinstance(obj, dict):
                 raise ValueError(f"{p}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
             records.append(obj)
+            where.append(f"{p}, line {lineno}")
     return records
 
 
-def _load_json(p: Path) -> list[dict]:
-    with open(p, encoding="utf-8-sig") as f:
-        text = f.read()
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _load_json(p: Path, where: list[str]) -> list[dict]:
+    text = _decode(p, p.read_bytes())
+    # Walk the top level by hand so that each record's line is known: a list of objects, or an
+    # object whose "data" is that list.
+    i = _skip_ws(text, 0)
+    items_at = None
+    if text.startswith("[", i):
+        items_at = i
+    elif text.startswith("{", i):
+        obj, end = _parse_json(p, text, None, i)  # checks the whole object (duplicate keys included)
+        if isinstance(obj.get("data"), list):
+            j = _skip_ws(text, i + 1)
+            while j < end and text[j] != "}":
+                key, j = _DECODER.raw_decode(text, j)
+                j = _skip_ws(text, _skip_ws(text, j) + 1)  # past ':'
+                if key == "data":
+                    items_at = j
+                    break
+                _, j = _DECODER.raw_decode(text, j)
+                j = _skip_ws(text, j)
+                j = _skip_ws(text, j + 1) if text[j] == "," else j
+        if items_at is None:
+            raise ValueError(f"{p}: expected a JSON list of objects or an object with a 'data' list, got an object "
+                             f"with keys {sorted(obj)[:10]}")
+    else:
+        obj, _ = _parse_json(p, text, None, i)
+        raise ValueError(f"{p}: expected a JSON list of objects or an object with a 'data' list, got "
+                         f"{type(obj).__name__}")
+    records = []
+    j = _skip_ws(text, items_at + 1)
+    while True:
+        if j >= len(text):
+            raise ValueError(f"{p}, line {text.count(chr(10)) + 1}: malformed JSON (the list is not closed)")
+        if text[j] == "]":
+            end = j + 1
+            break
+        line = text.count("\n", 0, j) + 1
+        obj, j = _parse_json(p, text, None, j)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{p}, line {line}: record {len(records)} is a {type(obj).__name__}, expected a JSON "
+                             "object")
+        records.append(obj)
+        where.append(f"{p}, line {line}")
+        j = _skip_ws(text, j)
+        if j < len(text) and text[j] == ",":
+            j = _skip_ws(text, j + 1)
+        elif j < len(text) and text[j] != "]":
+            raise ValueError(f"{p}, line {text.count(chr(10), 0, j) + 1}: malformed JSON (expected ',' or ']')")
+    if items_at == i:  # a top-level list: nothing may follow it
+        rest = _skip_ws(text, end)
+        if rest < len(text):
+            line = text.count("\n", 0, rest) + 1
+            raise ValueError(f"{p}, line {line}: malformed JSON (extra data after the list)")
+    return records
+
+
+def _load_csv(p: Path, where: list[str]) -> list[dict]:
+    text = _decode(p, p.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}, line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-        obj = obj["data"]
-    if not isinstance(obj, list):
-        raise ValueError(
-            f"{p}: expected a JSON list of objects or an object with a 'data' list, got {type(obj).__name__}"
-        )
-    for i, r in enumerate(obj):
-        if not isinstance(r, dict):
-            raise ValueError(f"{p}: record {i} is a {type(r).__name__}, expected a JSON object")
-    return obj
-
-
-def _load_csv(p: Path) -> list[dict]:
-    with open(p, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return []
+        dupes = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+        if dupes:
+            raise ValueError(f"{p}, line 1: duplicate column(s) {dupes} in the header")
         records = []
-        for r in reader:
+        start = reader.line_num + 1
+        for row, r in enumerate(reader, start=1):
             # csv.DictReader stores cells beyond the header under the key None
             if None in r:
-                raise ValueError(f"{p}, line {reader.line_num}: more cells than header columns {reader.fieldnames}")
+                raise ValueError(f"{p}, row {row} (line {start}): more cells than header columns {reader.fieldnames}")
             records.append(dict(r))
+            where.append(f"{p}, row {row} (line {start})")
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{p}, line {reader.line_num}: malformed CSV ({e})") from None
     return records
 
 
-def _load_saved_dataset(p: Path, split: str) -> list[dict]:
+def _load_saved_dataset(p: Path, split: str, where: list[str]) -> list[dict]:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as e:
         raise ValueError(f"{p}: directory is not a dataset saved by datasets.save_to_disk ({e})") from None
+    label = p
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"{p}: split {split!r} not found; the dataset has splits {sorted(ds)}")
         ds = ds[split]
-    return [dict(r) for r in ds]
+        label = f"{p} (split {split!r})"
+    records = [dict(r) for r in ds]
+    where.extend(f"{label}, index {i}" for i in range(len(records)))
+    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,30 +330,100 @@ def _accepted() -> str:
     return "; ".join(parts)
 
 
-def detect_format(records: list[dict], fmt: str = "auto") -> str:
-    """The format of ``records`` from their columns (the first record's keys), or check ``fmt``.
+def _matches(record: Any, fmt: str) -> bool:
+    return isinstance(record, dict) and all(c in record for c in _COLUMNS[fmt][0])
 
-    Raises ValueError naming the columns found and the formats accepted with their columns.
+
+def detect_format(records: list[dict], fmt: str = "auto", *, origins: list[str] | None = None) -> str:
+    """The format of ``records`` from their columns, or check ``fmt``.
+
+    ``auto`` takes the format of the first record; if that record matches none, the format most
+    records match (so that one bad first line is reported as such by :func:`check_records`).
+    Raises ValueError naming the columns found (and, with ``origins``, the record's file and
+    line) and the formats accepted with their columns.
     """
     if not records:
         raise ValueError("no records to detect the format of (the dataset is empty)")
     if not isinstance(records[0], dict):
         raise ValueError(f"records must be dicts (one per example), got {type(records[0]).__name__}")
     columns = sorted(records[0])
+    at = f"{origins[0]}: " if origins else ""
     if fmt != "auto":
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; accepted: 'auto' or {_accepted()}")
         missing = [c for c in _COLUMNS[fmt][0] if c not in records[0]]
-        if missing:
+        if missing and not origins:
             raise ValueError(
                 f"format {fmt!r} needs columns {list(_COLUMNS[fmt][0])} but the records have {columns} "
                 f"(missing {missing}); accepted formats: {_accepted()}"
             )
-        return fmt
-    for name, (req, _) in _COLUMNS.items():
-        if all(c in records[0] for c in req):
+        return fmt  # with origins, check_records names every record that does not fit
+    for name in _COLUMNS:
+        if _matches(records[0], name):
             return name
-    raise ValueError(f"cannot detect the data format from columns {columns}; accepted formats: {_accepted()}")
+    sample = records[:1000]
+    counts = {name: sum(_matches(r, name) for r in sample) for name in _COLUMNS}
+    best = max(counts, key=lambda n: counts[n])
+    if counts[best] * 2 > len(sample):
+        return best
+    raise ValueError(f"{at}cannot detect the data format from columns {columns}; accepted formats: {_accepted()}")
+
+
+def record_problem(record: Any, fmt: str) -> str | None:
+    """What makes ``record`` unusable as ``fmt`` data (missing column, wrong type), or None. No tokenizer needed."""
+    if not isinstance(record, dict):
+        return f"expected a record (JSON object), got {type(record).__name__}"
+    missing = [c for c in _COLUMNS[fmt][0] if c not in record]
+    if missing:
+        return (f"{fmt} record is missing column(s) {missing}; it has {sorted(record)} "
+                f"(format {fmt!r} needs {list(_COLUMNS[fmt][0])})")
+    try:
+        if fmt == "text":
+            _require_str(record, "text", fmt)
+        elif fmt == "alpaca":
+            _require_str(record, "instruction", fmt)
+            _require_str(record, "input", fmt, optional=True)
+            _require_str(record, "output", fmt)
+        elif fmt == "prompt_completion":
+            prompt, completion = record["prompt"], record["completion"]
+            if isinstance(prompt, list) or isinstance(completion, list):
+                _check_messages(prompt)
+                _check_messages(completion)
+            else:
+                _require_str(record, "prompt", fmt)
+                _require_str(record, "completion", fmt)
+        else:
+            _check_messages(record["messages"])
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def check_records(records: list[dict], fmt: str, origins: list[str] | None = None) -> None:
+    """Check every record against ``fmt`` before anything else happens (splitting, tokenizing):
+    the first bad one is named by file and line (``origins``) or by index."""
+    for i, r in enumerate(records):
+        problem = record_problem(r, fmt)
+        if problem is not None:
+            at = origins[i] if origins and i < len(origins) else f"record {i}"
+            if i == 0 and "missing column" in problem:  # likely the wrong --data-format, not one bad record
+                problem += f"; accepted formats: {_accepted()}"
+            raise ValueError(f"{at}: {problem}")
+
+
+def response_is_empty(record: dict, fmt: str) -> bool:
+    """True when the part of ``record`` that is trained (the answer) is empty or blank."""
+    if fmt == "text":
+        return not str(record.get("text", "")).strip()
+    if fmt == "alpaca":
+        return not str(record.get("output", "")).strip()
+    if fmt == "prompt_completion":
+        c = record.get("completion")
+        if isinstance(c, list):
+            return not any(isinstance(m, dict) and str(m.get("content", "")).strip() for m in c)
+        return not str(c or "").strip()
+    turns = [m for m in record.get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+    return not any(str(m.get("content", "")).strip() for m in turns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,22 +570,33 @@ def encode(record: dict, tokenizer, fmt: str, *, max_length: int) -> dict | None
     return out if _has_target(out["labels"]) else None
 
 
-def prepare(records: list[dict], tokenizer, *, fmt: str = "auto", max_length: int = 512) -> tuple[list[dict], PrepStats]:
+def prepare(records: list[dict], tokenizer, *, fmt: str = "auto", max_length: int = 512,
+            origins: list[str] | None = None) -> tuple[list[dict], PrepStats]:
     """Encode every record; drop those with nothing left to train. Returns (examples, stats).
 
-    Raises ValueError naming the record index when a record is malformed, and when no example
-    is left after filtering (with the counts of what was dropped).
+    Raises ValueError naming the record (its file and line when ``origins`` is given, else its
+    index) when a record is malformed, when no example is left after filtering (with the counts
+    of what was dropped), and when every response is empty (nothing to learn but the
+    end-of-sequence token). Empty responses among others are counted in ``stats``.
     """
     fmt = detect_format(records, fmt)
     stats = PrepStats(total=len(records))
     examples = []
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (a context token and a target), got {max_length}")
+
+    def at(i: int) -> str:
+        return origins[i] if origins and i < len(origins) else f"record {i}"
+
     for i, r in enumerate(records):
         try:
             full = _encode_full(r, tokenizer, fmt)
-        except ValueError as e:
-            raise ValueError(f"record {i}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{at(i)}: {e}") from None
+        if response_is_empty(r, fmt):
+            stats.empty_responses += 1
+            if len(stats.empty_examples) < 3:
+                stats.empty_examples.append(at(i))
         ex = {"input_ids": full["input_ids"][:max_length], "labels": full["labels"][:max_length]}
         if not _has_target(ex["labels"]):
             stats.dropped_empty += 1
@@ -407,6 +610,13 @@ def prepare(records: list[dict], tokenizer, *, fmt: str = "auto", max_length: in
         raise ValueError(
             f"the dataset is empty after filtering: all {stats.total} records were dropped because no "
             f"trained token was left within max_length={max_length}; raise max_length or check the answer columns"
+        )
+    if stats.empty_responses == stats.total:
+        raise ValueError(
+            f"no trainable tokens: all {stats.total} records have an empty response (e.g. {at(0)}), so training "
+            "would only teach the model to stop at once; fill the answer column "
+            + {"alpaca": "'output'", "prompt_completion": "'completion'", "messages": "(the assistant turns)",
+               "text": "'text'"}[fmt]
         )
     return examples, stats
 

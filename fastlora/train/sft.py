@@ -15,6 +15,10 @@ trained token contributes nothing (instead of a 0/0 NaN).
 Resume restores the adapter, optimizer, scheduler, RNG states and the position in the
 data order (``data.batch_order`` depends only on seed and epoch), so a resumed run
 produces the same losses as an uninterrupted one.
+
+The run's life cycle (output-dir checks, preflight, resume policy, the final save with its
+emergency fallback, console output) is the shared machinery of ``fastlora.train.run``,
+``.checkpoint`` and ``.console``; this file is its reference adopter.
 """
 from __future__ import annotations
 
@@ -28,32 +32,26 @@ import torch
 
 from . import checkpoint as ckpt
 from . import evaluate as ev
+from . import run as lifecycle
 from .config import SFTConfig
-from .data import batch_order, collate, detect_format, load_records, pack, prepare
-
-
-class _Log:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            tqdm.write(msg)
+from .console import Console, quiet_third_party
+from .data import batch_order, check_records, collate, detect_format, load_records, pack, prepare
 
 
 # ----------------------------------------------------------------------- data
-def _load_many(paths: list[str]) -> list[dict]:
+def _load_many(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Records of every file, and where each came from ("file, line N")."""
     records: list[dict] = []
+    origins: list[str] = []
     for p in paths:
-        records.extend(load_records(p))
-    return records
+        records.extend(load_records(p, origins=origins))
+    return records, origins
 
 
 def load_data(cfg: SFTConfig) -> dict[str, Any]:
-    """Records for train / eval / test, their format and the task's answer parser.
-    Reads (and so checks) every file before anything is written."""
+    """Records for train / eval / test, their format, the task's answer parser, and where each
+    record came from (``*_origins``). Reads and checks every record of every file, naming the
+    file and line of a bad one, before splitting and before anything is written."""
     if cfg.data is None:
         from .defaults import healthcare
 
@@ -64,24 +62,28 @@ def load_data(cfg: SFTConfig) -> dict[str, Any]:
             "test": healthcare.load_split("test"),
             "format": "messages",
             "parse": healthcare.parse_answer,
+            "train_origins": None, "eval_origins": None, "test_origins": None,
         }
-    train = _load_many(cfg.data)
-    fmt = detect_format(train, cfg.data_format)
+    train, train_at = _load_many(cfg.data)
+    fmt = detect_format(train, cfg.data_format, origins=train_at)
+    check_records(train, fmt, train_at)
     if cfg.eval_data:
-        eval_records = _load_many(cfg.eval_data)
-        detect_format(eval_records, fmt)
+        eval_records, eval_at = _load_many(cfg.eval_data)
+        check_records(eval_records, fmt, eval_at)
     elif cfg.eval_split > 0 and len(train) >= 2:
         idx = list(range(len(train)))
         random.Random(cfg.seed).shuffle(idx)
         n_eval = max(1, int(round(len(train) * cfg.eval_split)))
-        eval_records = [train[i] for i in sorted(idx[:n_eval])]
-        train = [train[i] for i in sorted(idx[n_eval:])]
+        held, kept = sorted(idx[:n_eval]), sorted(idx[n_eval:])
+        eval_records, eval_at = [train[i] for i in held], [train_at[i] for i in held]
+        train, train_at = [train[i] for i in kept], [train_at[i] for i in kept]
     else:
-        eval_records = []
-    test = _load_many(cfg.test_data) if cfg.test_data else []
+        eval_records, eval_at = [], []
+    test, test_at = _load_many(cfg.test_data) if cfg.test_data else ([], [])
     if test:
-        detect_format(test, fmt)
-    return {"task": "custom", "train": train, "eval": eval_records, "test": test, "format": fmt, "parse": None}
+        check_records(test, fmt, test_at)
+    return {"task": "custom", "train": train, "eval": eval_records, "test": test, "format": fmt, "parse": None,
+            "train_origins": train_at, "eval_origins": eval_at, "test_origins": test_at}
 
 
 def _limit(records: list, n: int) -> list:
@@ -143,18 +145,31 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     optimizer step; returning True stops training early (the end-of-run evaluation and
     saving still happen). An exception it raises (or Ctrl-C) aborts the run, leaving the
     last complete checkpoint for ``resume=True``.
+
+    ``resume=True`` on a finished run changes nothing and returns its summary. When the final
+    adapter cannot be written (full disk, read-only dir), :class:`fastlora.train.run.FinalSaveFailed`
+    says where the emergency checkpoint went; ``resume=True`` then finishes the run.
     """
     if config is None:
         cfg = SFTConfig.from_dict(overrides, source="sft()")
     else:
         cfg = SFTConfig.from_dict({**config.to_dict(), **overrides}, source="sft()") if overrides else config
     cfg = cfg.resolved()
-    log = _Log(cfg.progress)
+    log = Console(cfg.progress)
+    with quiet_third_party(bars=log.bars):
+        try:
+            return _sft(cfg, log, on_step)
+        except lifecycle.RunFinished as done:
+            log(str(done))
+            return done.summary
+
+
+def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
 
-    # ---- checks that write nothing: output dir, data files, model path
-    resume_from = ckpt.check_output_dir(out, resume=cfg.resume)
+    # ---- checks that write nothing: output dir, data files, model path, free space
+    resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
     if resume_from is not None:
         ckpt.check_resume_config(out, cfg.to_dict())
     data = load_data(cfg)
@@ -164,12 +179,18 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = resolve_model_path(cfg.model, cfg.cache_dir)
+    need, why = lifecycle.estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
+                                                save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints)
+    lifecycle.preflight(out, need_bytes=need, why=why)
     tokenizer = load_tokenizer(model_path)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    train_ex, stats = prepare(data["train"], tokenizer, fmt=data["format"], max_length=cfg.max_length)
+    train_ex, stats = prepare(data["train"], tokenizer, fmt=data["format"], max_length=cfg.max_length,
+                              origins=data["train_origins"])
     log(f"train data: {stats}")
+    for w in stats.warnings():
+        log.warn(w)
     if cfg.general_mix > 0:
         from .defaults.general import general_mix_records
 
@@ -180,7 +201,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     eval_ex = []
     if data["eval"]:
         eval_ex, eval_stats = prepare(_limit(data["eval"], cfg.eval_max_examples), tokenizer, fmt=data["format"],
-                                      max_length=cfg.max_length)
+                                      max_length=cfg.max_length, origins=data["eval_origins"])
         log(f"eval data: {eval_stats}")
     rows = pack(train_ex, cfg.max_length) if cfg.packing else train_ex
     if cfg.packing:
@@ -210,18 +231,23 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     scheduler = make_scheduler(cfg, optimizer, total_steps)
 
     # ---- the output dir is created only now that every input checked out
-    run_info = {"config": cfg.to_dict(), "model_path": str(model_path), "device": str(device), "dtype": str(dtype),
-                "total_steps": total_steps, "patch_report": patch_report}
     if resume_from is None:
-        ckpt.init_output_dir(out, run_info)
+        ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path), device=str(device),
+                                                     dtype=str(dtype), total_steps=total_steps,
+                                                     patch_report=patch_report))
+    else:
+        ckpt.clean_stale(out)
     metrics_path = out / "metrics.jsonl"
+    metrics = lifecycle.MetricsWriter(metrics_path, log=log)
 
     state: dict[str, Any] = {"micro": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "bad_evals": 0,
                              "before": {}, "history": []}
     step = 0
+    stopped_early = False
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
         step = state.pop("step")
+        stopped_early = bool(state.pop("stopped_early", False))  # set in emergency checkpoints
         # Drop what the interrupted run logged after its last checkpoint: those steps run again.
         kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
         ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
@@ -245,20 +271,15 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                 f"perplexity {before['general']['perplexity']:.2f}")
         before["seconds"] = time.perf_counter() - t_eval
         state["before"] = before
-        ckpt.append_jsonl(metrics_path, {"step": 0, "event": "before", **_flat(before)})
+        metrics.write({"step": 0, "event": "before", **_flat(before)})
 
     # ---- train
     pad_id = tokenizer.pad_token_id
     best_params: dict[str, torch.Tensor] | None = None
-    stopped_early = False
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = log.progress(total_steps, initial=step, desc="sft", log_every=cfg.log_every)
     model.train()
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             t0, c0 = time.perf_counter(), time.process_time()
             batches = []
             for _ in range(cfg.grad_accum):
@@ -284,15 +305,13 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                    "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": tokens,
                    "tokens_per_second": tokens / dt if dt > 0 else None, "epoch": state["micro"] / micro_per_epoch}
             if step % cfg.log_every == 0 or step == total_steps:
-                ckpt.append_jsonl(metrics_path, rec)
+                metrics.write(rec)
             state["history"].append({"step": step, "loss": rec["loss"]})
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_second']:.0f}")
-                bar.update(1)
+            bar.update(step, rec)
 
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 erec = _evaluate(model, tokenizer, eval_ex, eval_items, data["parse"], cfg, metric, step)
-                ckpt.append_jsonl(metrics_path, erec)
+                metrics.write(erec)
                 log(_fmt_eval(erec))
                 value = erec[metric]
                 better = state["best"] is None or (value > state["best"] if metric == "accuracy" else value < state["best"])
@@ -307,7 +326,8 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                             f"(best {state['best']:.4g})")
                         stopped_early = True
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+                lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state,
+                                                                      keep=cfg.keep_checkpoints), log=log)
             if on_step is not None and on_step(step, rec):
                 stopped_early = True
             if stopped_early:
@@ -318,8 +338,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                                                if last else "no checkpoint was saved (set save_every to allow resuming)"))
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     if best_params is not None and stopped_early:
         with torch.no_grad():
@@ -328,8 +347,12 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
                     p.copy_(best_params[n])
         log(f"restored the adapter of the best evaluation ({metric} {state['best']:.4g})")
 
-    # ---- after training
-    adapter_dir = ckpt.save_adapter(model, out / "adapter")
+    # ---- after training: the adapter first, with an emergency checkpoint if it cannot be written
+    final_state = {**state, "stopped_early": stopped_early}
+    adapter_dir = lifecycle.save_final_adapter(
+        model, out, log=log,
+        emergency=lambda root: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, final_state, keep=0,
+                                                    root=root))
     log(f"adapter saved to {adapter_dir}; evaluating after training")
     t_eval = time.perf_counter()
     final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step) if eval_ex else {}
@@ -373,19 +396,18 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
         "adapter": str(adapter_dir),
         "patch_report": patch_report,
     }
-    ckpt.append_jsonl(metrics_path, {"step": step, "event": "after", **_flat(after),
-                                     **({"eval_loss": final["loss"]} if final else {})})
+    metrics.write({"step": step, "event": "after", **_flat(after), **({"eval_loss": final["loss"]} if final else {})})
     if details is not None:
         ckpt.write_json_atomic(out / "test_outputs.json", details)
     if after.get("general"):
         ckpt.write_json_atomic(out / "general_outputs.json", after["general"]["qa_outputs"])
     ckpt.write_json_atomic(out / "summary.json", summary)
+    lifecycle.finish(out, log=log)
     try:
         plot_curve(metrics_path, out / "curve.png")
     except Exception as e:  # a plot must never lose a finished run
-        log(f"could not draw the curve: {e}")
-    if cfg.progress:
-        print_summary(summary)
+        log.warn(f"could not draw the curve: {e}")
+    print_summary(summary, file=log.stream)
     return summary
 
 
@@ -464,11 +486,13 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
         ax.legend(handles, labels, loc="upper right")
     ax.set_title("fastlora sft")
     fig.tight_layout()
+    import io
+
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(png_path)
+    ckpt.write_bytes_atomic(png_path, buf.getvalue())  # fsynced, umask permissions, like every output
     return png_path
 
 
@@ -502,18 +526,23 @@ def format_summary(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, *, file=None) -> None:
+    import sys
+
     rows = format_summary(summary)
+    file = file if file is not None else sys.stdout
     try:
-        from rich.console import Console
+        from rich.console import Console as RichConsole
         from rich.table import Table
     except ImportError:
+        RichConsole = None
+    if RichConsole is None or not file.isatty():  # a log file gets plain aligned lines, no box drawing
         width = max(len(k) for k, _ in rows)
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), file=file, flush=True)
         return
     table = Table(title="fastlora sft")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    RichConsole(file=file).print(table)

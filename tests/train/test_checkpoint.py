@@ -50,7 +50,8 @@ def test_checkpoint_roundtrip_and_kill_mid_write(tiny_model_dir, tmp_path, monke
     def dying_save(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    # the optimizer state is written with safetensors (no pickle) after the adapter
+    monkeypatch.setattr("safetensors.torch.save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(tmp_path, 2, model, opt, sched, {"micro": 2}, keep=1)
     monkeypatch.undo()
@@ -75,22 +76,32 @@ def test_checkpoint_roundtrip_and_kill_mid_write(tiny_model_dir, tmp_path, monke
 
 
 def test_output_dir_holding_a_run_is_refused_and_untouched(tmp_path):
+    from fastlora.train.run import RunFinished
+
     run = tmp_path / "run"
     ckpt.init_output_dir(run, {"config": {"lr": 1}})
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(ValueError, match=r"already holds a run.*--resume"):
         ckpt.check_output_dir(run, resume=False)
-    # Stopped before its first checkpoint: --resume starts it over.
-    assert ckpt.check_output_dir(run, resume=True) is None
-    (run / "summary.json").write_text("{}")
-    before["summary.json"] = b"{}"
-    with pytest.raises(ValueError, match="finished run"):
+    # Stopped before its first checkpoint: --resume says there is nothing to continue from,
+    # --resume=auto starts it over.
+    with pytest.raises(ValueError, match=r"no checkpoint to continue from.*--resume=auto"):
         ckpt.check_output_dir(run, resume=True)
+    assert ckpt.check_output_dir(run, resume="auto") is None
+    (run / "summary.json").write_text('{"steps": 3}')
+    before["summary.json"] = b'{"steps": 3}'
+    # A finished run: --resume (either kind) says so and changes nothing.
+    for mode in (True, "auto"):
+        with pytest.raises(RunFinished, match="is finished") as info:
+            ckpt.check_output_dir(run, resume=mode)
+        assert info.value.summary == {"steps": 3}
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
-    # An empty or missing dir, and --resume on a fresh dir, start fresh.
+    # An empty or missing dir: fresh start; --resume there says there is no run to resume.
     assert ckpt.check_output_dir(tmp_path / "new", resume=False) is None
-    assert ckpt.check_output_dir(tmp_path / "new", resume=True) is None
+    with pytest.raises(ValueError, match=r"no run to resume.*--resume=auto"):
+        ckpt.check_output_dir(tmp_path / "new", resume=True)
+    assert ckpt.check_output_dir(tmp_path / "new", resume="auto") is None
     (tmp_path / "empty").mkdir()
     assert ckpt.check_output_dir(tmp_path / "empty", resume=False) is None
     (tmp_path / "file").write_text("x")

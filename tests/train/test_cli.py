@@ -114,3 +114,92 @@ def test_sft_through_the_cli(tiny_model_dir, chat_jsonl, tmp_path, capsys):
     # Running again into the same dir is refused with a clear message.
     assert cli.main(argv) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def _sft_parser():
+    return cli.build_parser()._subparsers._group_actions[0].choices["sft"]
+
+
+def test_every_option_has_a_real_help_text_with_its_default_once(capsys):
+    for name, sub in cli.build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            text = action.help or ""
+            words = action.dest.replace("_", " ")
+            assert text and text.strip(" .") != words, (name, action.dest)
+            assert text.count("(default:") <= 1 and "(default: None)" not in text, (name, action.dest, text)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    from fastlora.bench import AREAS, PRESETS
+
+    assert all(p in out for p in PRESETS) and all(a in out for a in AREAS)
+
+
+def test_resume_flag_forms():
+    p = _sft_parser()
+    assert p.parse_args(["--resume"]).resume is True
+    assert p.parse_args(["--resume=auto"]).resume == "auto"
+    assert p.parse_args(["--resume", "auto"]).resume == "auto"
+    assert p.parse_args(["--no-resume"]).resume is False
+    assert SFTConfig(resume="auto").resume == "auto"
+    with pytest.raises(ValueError, match="resume must be"):
+        SFTConfig(resume="sometimes")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "two"])
+def test_threads_must_be_a_positive_count(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sft", "--threads", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and "Traceback" not in err
+
+
+def test_environment_errors_exit_1_in_one_line(monkeypatch, tmp_path, capsys):
+    import errno
+    import os
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "adapter"))
+
+    monkeypatch.setattr("fastlora.train.sft", full)
+    assert cli.main(["sft"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"No space left on device: {tmp_path / 'run' / 'adapter'} (errno 28); free some space" in err
+    assert cli.main(["sft", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "OSError" in err
+
+
+def test_read_only_output_dir_fails_before_the_model_loads(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastlora.train import model as model_mod
+    from fastlora.train import run as lifecycle
+
+    def refuse(*a, **k):  # what a read-only mount answers (root ignores chmod 0555)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(lifecycle.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(model_mod, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "ro" / "run"
+    assert cli.main(["sft", "--model", str(tiny_model_dir), "--data", str(chat_jsonl), "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"output dir {out} (to be created in {tmp_path}) is not writable: Read-only file system" in err
+
+
+def test_resume_of_a_finished_run_exits_0(monkeypatch, tmp_path, capsys):
+    from fastlora.train.run import RunFinished
+
+    (tmp_path / "summary.json").write_text("{}")
+
+    def finished(cfg):  # what a trainer's check_output_dir raises (the reward-model and PPO trainers too)
+        raise RunFinished(tmp_path)
+
+    monkeypatch.setattr("fastlora.train.sft", finished)
+    assert cli.main(["sft", "--resume"]) == 0
+    assert "is finished" in capsys.readouterr().out

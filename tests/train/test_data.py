@@ -107,11 +107,11 @@ def test_load_malformed_json_and_csv(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.json: expected a JSON list"):
         D.load_records(p)
     p.write_text('[{"text": "a"}, "b"]')
-    with pytest.raises(ValueError, match=r"bad\.json: record 1 is a str"):
+    with pytest.raises(ValueError, match=r"bad\.json, line 1: record 1 is a str"):
         D.load_records(p)
     p = tmp_path / "bad.csv"
     p.write_text("text\nhello\nworld,extra\n")
-    with pytest.raises(ValueError, match=r"bad\.csv, line 3: more cells than header"):
+    with pytest.raises(ValueError, match=r"bad\.csv, row 2 \(line 3\): more cells than header"):
         D.load_records(p)
 
 
