@@ -13,8 +13,10 @@ and a one-line message, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import typing
 from typing import Sequence
@@ -94,8 +96,25 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sft(cfg)
+    with _launched_by_torchrun():
+        sft(cfg)
     return 0
+
+
+@contextlib.contextmanager
+def _launched_by_torchrun():
+    """Join the process group when torchrun / accelerate launch started this process (they
+    set WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); leave it at the end."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from .train import distributed
+
+    distributed.setup(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        yield
+    finally:
+        distributed.teardown()
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -134,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # Another rank's bad input (fastlora.train.distributed.RankError): stop with its message.
+        loaded = sys.modules.get("fastlora.train.distributed")
+        if loaded is None or not isinstance(e, loaded.RankError):
+            raise
         print(f"fastlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

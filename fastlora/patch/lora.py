@@ -83,19 +83,27 @@ def protect_bnb_weights(model: nn.Module) -> int:
     return n
 
 
+def quant_state(base: nn.Module):
+    """The QuantState of a bnb 4-bit layer: on its weight, or, once FSDP has replaced the
+    weight by a plain (sharded or all-gathered) parameter, the copy bitsandbytes keeps on
+    the module for exactly that case."""
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None)
+
+
 def base_kind(base: nn.Module) -> tuple[str | None, str | None]:
     """(kind, None) for a base layer we can fuse, else (None, reason)."""
     linear4bit = _bnb_linear4bit_type()
     if linear4bit is not None and isinstance(base, linear4bit):
         if type(base) is not linear4bit:
             return None, f"base layer is {type(base).__name__}, a subclass of bnb Linear4bit"
-        qs = getattr(base.weight, "quant_state", None)
+        qs = quant_state(base)
         qtype = getattr(qs, "quant_type", getattr(base.weight, "quant_type", None))
         if qtype != "nf4":
             return None, f"bnb 4-bit quant_type {qtype!r} (only nf4 is fused)"
         if qs is None:
             return None, "bnb weight is not quantized yet (no quant_state; move it to a device first)"
-        if is_packed_for_cpu(base.weight):
+        if getattr(qs, "packing_format_for_cpu", False):
             return None, (
                 "bnb already repacked this weight for CPU inference "
                 "(quant_state.packing_format_for_cpu); its bytes are no longer NF4. "
@@ -178,7 +186,8 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     if kind == KIND_NF4:
         from ..nf4 import NF4Weight
 
-        weight = NF4Weight.from_bnb(base.weight)  # a view, re-read each call: merges replace it
+        # a view, re-read each call: merges replace it; under FSDP the gathered bytes + the module's state
+        weight = NF4Weight.from_bnb((base.weight, quant_state(base)))
     else:
         weight = base.weight.to(cd)
         if weight.requires_grad:  # lora_linear treats W as frozen; PEFT freezes it
