@@ -75,10 +75,10 @@ def head_weights(lm: nn.Module, training: bool) -> tuple[torch.Tensor | None, to
     head = _unwrap_modules_to_save(lm.get_output_embeddings())
     if head is None:
         return None, None, "the model has no output embeddings"
-    if type(head) is nn.Linear:
+    if _bind.module_type(head) is nn.Linear:  # also when fully_shard made it an FSDPLinear
         return head.weight, head.bias, None
     if is_lora_layer(head):
-        if type(head) not in _peft_lora_types() or type(head.get_base_layer()) is not nn.Linear:
+        if _bind.module_type(head) not in _peft_lora_types() or _bind.module_type(head.get_base_layer()) is not nn.Linear:
             return None, None, f"lm_head is {type(head).__name__} over {type(head.get_base_layer()).__name__}"
         if getattr(head, "fan_in_fan_out", False):
             return None, None, "lm_head LoRA has fan_in_fan_out=True"

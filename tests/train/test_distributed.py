@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close, requires_bnb
+from tests.patch import tiny
 from tests.train.conftest import classification_records
 
 pytestmark = requires_bnb
@@ -80,33 +81,51 @@ def test_ddp_equals_one_process_and_resume_after_kill(tiny_model_dir, tmp_path):
     ref = tmp_path / "single"
     sft(SFTConfig(**_cfg(tiny_model_dir, data, ref, batch_size=4)))
 
+    untied = tmp_path / "untied"
+    tiny.save_random("llama", untied)  # lm_head not tied to the embeddings: FSDP shards it on its own
     resume_kw = dict(lora_dropout=0.1, save_every=2, eval_every=0, test_data=None)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run1 = _torchrun(tmp_path, "run1", [
         {"cfg": _cfg(tiny_model_dir, data, tmp_path / "ddp")},
+        {"cfg": _cfg(tiny_model_dir, data, tmp_path / "fsdp", parallel="fsdp")},
+        {"step": str(untied), "out": str(tmp_path / "fsdp_step.pt")},
         {"cfg": _cfg(tiny_model_dir, data, straight, **resume_kw)},
         {"cfg": _cfg(tiny_model_dir, data, killed, **resume_kw), "die_at": 3, "die_rank": 1},
     ])
     assert run1.returncode != 0, "rank 1 was killed: the launch must fail"
     assert (tmp_path / "ddp" / "summary.json").is_file(), run1.stderr[-3000:]
     assert (straight / "summary.json").is_file(), run1.stderr[-3000:]
+    for r in (0, 1):  # every patched module ran fused on every rank (no run-time fallback)
+        assert json.loads((tmp_path / f"run1.json.fallbacks.{r}.json").read_text()) == []
 
-    # --- DDP 2 x 2 == 1 x 4
-    ddp = tmp_path / "ddp"
-    m_ref, m_ddp = _metrics(ref), _metrics(ddp)
-    assert [r.get("event") for r in m_ddp] == [r.get("event") for r in m_ref]
-    for r_ref, r_ddp in zip(m_ref, m_ddp):
-        assert r_ddp["step"] == r_ref["step"]
-        for key in ("loss", "trained_tokens", "tokens", "test_accuracy", "eval_loss"):
-            if key in r_ref:
-                assert r_ddp[key] == pytest.approx(r_ref[key], rel=1e-5, abs=1e-7), (key, r_ref, r_ddp)
-    assert sorted(_losses(ddp)) == [1, 2, 3, 4]
-    s_ref, s_ddp = (json.loads((d / "summary.json").read_text()) for d in (ref, ddp))
-    assert s_ddp["world_size"] == 2 and s_ref["world_size"] == 1
-    assert s_ddp["accuracy_after"] == s_ref["accuracy_after"] and s_ddp["eval_loss"] == pytest.approx(s_ref["eval_loss"], rel=1e-5)
-    _assert_same_adapter(ddp, ref, rtol=1e-4, atol=1e-6)
-    # only rank 0 wrote: one line per step and event, no duplicates
-    assert len([r for r in m_ddp if "event" not in r]) == 4
+    # --- DDP 2 x 2 == FSDP2 2 x 2 == 1 x 4 (losses, eval losses, accuracies, adapter)
+    m_ref = _metrics(ref)
+    for name in ("ddp", "fsdp"):
+        got = tmp_path / name
+        m_got = _metrics(got)
+        assert [r.get("event") for r in m_got] == [r.get("event") for r in m_ref], name
+        for r_ref, r_got in zip(m_ref, m_got):
+            assert r_got["step"] == r_ref["step"]
+            for key in ("loss", "trained_tokens", "test_accuracy", "eval_loss", "grad_norm"):
+                if key in r_ref:
+                    assert r_got[key] == pytest.approx(r_ref[key], rel=1e-5, abs=1e-7), (name, key, r_ref, r_got)
+        # only rank 0 wrote: one line per step, no duplicates
+        assert sorted(_losses(got)) == [1, 2, 3, 4] and len([r for r in m_got if "event" not in r]) == 4
+        s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (ref, got))
+        assert s_got["world_size"] == 2 and s_ref["world_size"] == 1
+        assert s_got["accuracy_after"] == s_ref["accuracy_after"]
+        assert s_got["eval_loss"] == pytest.approx(s_ref["eval_loss"], rel=1e-5)
+        _assert_same_adapter(got, ref, rtol=1e-4, atol=1e-6)
+
+    # --- FSDP2 with lm_head sharded on its own: the patched loss reads it inside its FSDP hooks
+    from tests.train.dist_worker import qlora_step
+
+    sharded, whole = torch.load(tmp_path / "fsdp_step.pt"), qlora_step(str(untied), fsdp=False)
+    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert sharded["grads"].keys() == whole["grads"].keys() and len(whole["grads"]) > 0
+    for k, g in whole["grads"].items():
+        assert float(g.abs().max()) > 0, k
+        assert_close(sharded["grads"][k], g, rtol=1e-4, atol=1e-6, msg=k)
 
     # --- killed after step 3 (last checkpoint: step 2), resumed on 2 ranks == straight
     assert not (killed / "summary.json").exists()
