@@ -77,7 +77,10 @@ def test_ddp_equals_one_process_and_resume_after_kill(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     # 17 records, 4 held out: 13 training rows, global batch 4 -> 4, 4, 4, 1: in the last
     # one rank 1 holds nothing and runs a masked filler row.
-    data.write_text("".join(json.dumps(r) + "\n" for r in classification_records(17)))
+    records = classification_records(17)
+    for r in records[::3]:  # unequal trained tokens per rank: a mean of per-rank means would differ
+        r["messages"][2]["content"] += " The front desk will follow up with more details soon."
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     ref = tmp_path / "single"
     sft(SFTConfig(**_cfg(tiny_model_dir, data, ref, batch_size=4)))
 
