@@ -32,6 +32,7 @@ _HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "output_dir": "where the adapter, metrics.jsonl, curve.png and summary.json go",
     "general_mix": "fraction of general chat data mixed into training (against forgetting)",
+    "parallel": "under torchrun/accelerate launch: ddp (every process holds the 4-bit base) or fsdp (FSDP2 shards it)",
 }
 
 

@@ -143,7 +143,9 @@ def all_sum(values: Sequence[float], device=None) -> list[float]:
         return [float(v) for v in values]
     import torch
 
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or "cpu")
+    if device is None:  # NCCL reduces only CUDA tensors
+        device = torch.device("cuda", torch.cuda.current_device()) if _dist().get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     _dist().all_reduce(t)
     return t.tolist()
 
@@ -225,14 +227,15 @@ def wrap_ddp(model, device):
     Every rank holds the whole frozen 4-bit base; only the trainable (LoRA) parameters get
     DDP's gradient buckets, since DDP registers its hooks on parameters that require grad.
     fastlora's patched forwards are plain autograd Functions over those parameters, so the
-    hooks fire as they do on the unpatched model. ``broadcast_buffers=False``: the buffers
-    (rotary tables) are computed identically on every rank, nothing to resend each step."""
+    hooks fire as they do on the unpatched model. ``forward_sync_buffers=False``: the
+    buffers (rotary tables) are computed identically on every rank, nothing to resend each
+    step (DDP still copies rank 0's parameters and buffers once, at construction)."""
     if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def check_resume_world_size(run_file) -> None:

@@ -211,9 +211,9 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
 
     world = dist.world_size()
     fsdp = world > 1 and cfg.parallel == "fsdp"
-    if fsdp and cfg.save_every:
-        raise ValueError("save_every with parallel='fsdp' is not supported yet (sharded optimizer state); "
-                         "use parallel='ddp' to checkpoint and resume")
+    if fsdp and (cfg.save_every or resume_from is not None):
+        raise ValueError("checkpoints (save_every, resume) with parallel='fsdp' are not supported yet (sharded "
+                         "optimizer state); use parallel='ddp' to checkpoint and resume")
     # batch_size is per rank: a step's global batch holds batch_size * world rows (see distributed.py).
     micro_per_epoch = math.ceil(len(rows) / (cfg.batch_size * world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
