@@ -117,6 +117,9 @@ def test_ddp_equals_one_process_and_resume_after_kill(tiny_model_dir, tmp_path):
         s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (ref, got))
         assert s_got["world_size"] == 2 and s_ref["world_size"] == 1
         assert s_got["accuracy_after"] == s_ref["accuracy_after"]
+        # the sharded test outputs were gathered back in the test set's order
+        refs = [[d["reference"] for d in json.loads((d_ / "test_outputs.json").read_text())] for d_ in (ref, got)]
+        assert refs[0] == refs[1] and len(set(refs[0])) > 1
         assert s_got["eval_loss"] == pytest.approx(s_ref["eval_loss"], rel=1e-5)
         _assert_same_adapter(got, ref, rtol=1e-4, atol=1e-6)
 
