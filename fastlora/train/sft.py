@@ -219,8 +219,10 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     # ---- model
-    base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device,
-                     quant_storage=dtype if fsdp else torch.uint8)
+    # FSDP: load (and quantize) in host memory; fully_shard then moves one unit at a time to
+    # the device and keeps only its shard there, so the whole model never sits on one GPU.
+    base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
+                     device=torch.device("cpu") if fsdp else device, quant_storage=dtype if fsdp else torch.uint8)
     model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     patch_report = apply_patch(model, cfg.patch)
