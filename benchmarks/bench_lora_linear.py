@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness as H
 
-PEERS = ("bitsandbytes+peft", "dense+peft", "dequant+matmul", "unsloth")
+PEERS = ("bitsandbytes+peft", "dense+peft", "dequant+matmul", "dense-gemv", "unsloth")
 SCALING = 2.0  # lora_alpha / r = 32 / 16
 
 
@@ -53,7 +53,7 @@ def _case(env: H.Env, case_id: str) -> H.Case:
     for k in range(env.ring_size(set_bytes)):
         s = 2000 + 10 * k
         w = H.randn((out_f, in_f), seed=s, device=dev, dtype=dt, scale=0.02)
-        packed, qs = H.quantize_bnb(w)
+        packed, qs = H.quantize_nf4_inputs(w)
         del w
         inp = types.SimpleNamespace(
             packed=packed,
@@ -203,6 +203,14 @@ def _provider(env: H.Env, name: str) -> H.Provider:
                 return F.linear(x, W) + SCALING * F.linear(F.linear(x, inp.A), inp.B)
 
             return _run_mode(inp, f)
+
+        return H.Provider(name, "torch", build, reset)
+
+    if name == "dense-gemv":
+        def build(inp):
+            if inp.mode != "decode":
+                raise H.Unavailable("dense-gemv is the decode-mode (M <= 16) bf16 GEMV row only")
+            return _run_mode(inp, lambda x: F.linear(x, inp.w_deq) + SCALING * F.linear(F.linear(x, inp.A), inp.B))
 
         return H.Provider(name, "torch", build, reset)
 

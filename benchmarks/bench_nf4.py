@@ -37,7 +37,7 @@ def _case(env: H.Env, case_id: str) -> H.Case:
     ring = []
     for k in range(env.ring_size(nbytes)):
         w = H.randn((out_f, in_f), seed=1000 + k, device=env.device, dtype=OUT_DTYPE, scale=0.02)
-        packed, qs = H.quantize_bnb(w)
+        packed, qs = H.quantize_nf4_inputs(w)
         ring.append((packed, qs))
     reference = (H.nf4_dequantize_eager(*ring[0], OUT_DTYPE),)
     case = H.Case(area="nf4", id=case_id, ring=ring, reference=reference, output_names=("weight",),

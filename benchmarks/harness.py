@@ -33,6 +33,7 @@ import os
 import statistics
 import threading
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -675,10 +676,23 @@ def _bnb():
     return require_module("bitsandbytes")
 
 
-def quantize_bnb(w: torch.Tensor):
-    """(packed, QuantState) from bitsandbytes' own quantizer: NF4, blocksize 64, DQ."""
-    bnb = _bnb()
-    return bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+def quantize_nf4_inputs(w: torch.Tensor):
+    """(packed, quant state) of ``w`` from fastlora's own quantizer (NF4, blocksize 64,
+    double quant), bit-exact with bitsandbytes' (tests/test_nf4.py): so the inputs exist
+    on a host without bitsandbytes. The state is bitsandbytes' ``QuantState`` when it is
+    installed (its providers read it), else a namespace with the same fields, which is
+    all ``NF4Weight.from_bnb`` and the torch-eager peer read."""
+    from fastlora.nf4 import quantize_nf4
+
+    q = quantize_nf4(w, 64, double_quant=True)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return q.packed, q.to_bnb().quant_state
+    state2 = types.SimpleNamespace(absmax=q.state2_absmax, code=q.state2_code, blocksize=q.state2_blocksize)
+    qs = types.SimpleNamespace(
+        absmax=q.absmax, shape=q.shape, code=q.code, blocksize=q.blocksize, quant_type="nf4", dtype=q.dtype,
+        offset=q.offset, nested=True, state2=state2, packing_format_for_cpu=False,
+    )
+    return q.packed, qs
 
 
 def nf4_dequantize_eager(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:

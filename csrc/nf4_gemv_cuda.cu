@@ -11,6 +11,10 @@
 // x's dtype (RNE). (bnb's own gemv casts code and absmax to T first; we keep the
 // dequantize semantics so decode and training see the same weights.)
 //
+// Double-quantized statistics (bnb's compress_statistics, the default) are decoded here,
+// per 32-weight chunk, as code2[q] * absmax2[block / 256] then + offset (two roundings,
+// no FMA, as bitsandbytes): no torch ops run per call to build an fp32 absmax.
+//
 // Layout (bnb): element 2i in the high nibble of byte i, flat row-major over [N, K];
 // block b covers flat elements [b*blocksize, (b+1)*blocksize) and may span rows.
 // The vector path needs K % 32 == 0, blocksize % 32 == 0 and 16-byte aligned packed
@@ -29,6 +33,23 @@ namespace fastlora {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+constexpr int64_t kStats2Blocksize = 256;  // bitsandbytes' blocksize of the nested statistics
+
+// The block scales: fp32 absmax, or uint8 codes into the nested statistics.
+struct Scales {
+  const void* absmax;
+  const float* s2_absmax;  // nullptr: not nested
+  const float* s2_code;
+  const float* offset;
+};
+
+__device__ __forceinline__ float block_scale(const Scales& s, float offset, int64_t blk) {
+  if (s.s2_absmax != nullptr) {
+    const uint32_t q = __ldg(static_cast<const uint8_t*>(s.absmax) + blk);
+    return __fadd_rn(__fmul_rn(__ldg(s.s2_code + q), __ldg(s.s2_absmax + blk / kStats2Blocksize)), offset);
+  }
+  return __ldg(static_cast<const float*>(s.absmax) + blk);
+}
 constexpr unsigned kFull = 0xffffffffu;
 
 // dtype codes shared with fastlora/ops/lora_linear.py (_GEMV_DTYPE)
@@ -53,13 +74,14 @@ __device__ __forceinline__ float round_weight(float v) {
 template <typename T, int WDT, int MROWS, bool VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 nf4_gemv_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __restrict__ packed,
-                const float* __restrict__ absmax, const float* __restrict__ code,
+                const Scales scales, const float* __restrict__ code,
                 const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N, int64_t K,
                 int64_t blocksize) {
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (n >= N) return;  // whole warp leaves together: n is warp-uniform
   const float my_code = code[lane & 15];
+  const float offset = scales.s2_absmax != nullptr ? __ldg(scales.offset) : 0.f;
 
   float acc[MROWS];
 #pragma unroll
@@ -77,7 +99,7 @@ nf4_gemv_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __res
       float scale = 0.f;
       if (valid) {
         q = __ldg(wrow + c);
-        scale = __ldg(absmax + (row0 + c * 32) / blocksize);
+        scale = block_scale(scales, offset, (row0 + c * 32) / blocksize);
       }
       const uint32_t words[4] = {q.x, q.y, q.z, q.w};
       float w[32];
@@ -113,7 +135,7 @@ nf4_gemv_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __res
         const int64_t idx = row0 + k;
         const uint32_t byte = __ldg(packed + idx / 2);
         nib = (idx & 1) ? (byte & 0xf) : (byte >> 4);
-        scale = __ldg(absmax + idx / blocksize);
+        scale = block_scale(scales, offset, idx / blocksize);
       }
       const float w = round_weight<T, WDT>(__shfl_sync(kFull, my_code, nib) * scale);
       if (valid) {
@@ -138,7 +160,7 @@ nf4_gemv_kernel(const T* __restrict__ x, int64_t stride_xm, const uint8_t* __res
 }
 
 template <typename T, int WDT, int MROWS>
-void launch_rows(const T* x, int64_t sxm, const uint8_t* packed, const float* absmax,
+void launch_rows(const T* x, int64_t sxm, const uint8_t* packed, const Scales& absmax,
                  const float* code, const T* bias, T* y, int M, int64_t N, int64_t K,
                  int64_t bs, bool vec, cudaStream_t stream) {
   const dim3 block(kWarpsPerBlock * 32);
@@ -150,12 +172,11 @@ void launch_rows(const T* x, int64_t sxm, const uint8_t* packed, const float* ab
 }
 
 template <typename T, int WDT>
-void launch_wdt(uintptr_t x, int64_t sxm, uintptr_t packed, uintptr_t absmax, uintptr_t code,
+void launch_wdt(uintptr_t x, int64_t sxm, uintptr_t packed, const Scales& ap, uintptr_t code,
                 uintptr_t bias, uintptr_t y, int M, int64_t N, int64_t K, int64_t bs, bool vec,
                 cudaStream_t s) {
   auto xp = reinterpret_cast<const T*>(x);
   auto pp = reinterpret_cast<const uint8_t*>(packed);
-  auto ap = reinterpret_cast<const float*>(absmax);
   auto cp = reinterpret_cast<const float*>(code);
   auto bp = reinterpret_cast<const T*>(bias);
   auto yp = reinterpret_cast<T*>(y);
@@ -168,7 +189,7 @@ void launch_wdt(uintptr_t x, int64_t sxm, uintptr_t packed, uintptr_t absmax, ui
 }
 
 template <typename T>
-void launch_t(int wdt, uintptr_t x, int64_t sxm, uintptr_t packed, uintptr_t absmax,
+void launch_t(int wdt, uintptr_t x, int64_t sxm, uintptr_t packed, const Scales& absmax,
               uintptr_t code, uintptr_t bias, uintptr_t y, int M, int64_t N, int64_t K,
               int64_t bs, bool vec, cudaStream_t s) {
   if (wdt == kF32) launch_wdt<T, kF32>(x, sxm, packed, absmax, code, bias, y, M, N, K, bs, vec, s);
@@ -179,9 +200,11 @@ void launch_t(int wdt, uintptr_t x, int64_t sxm, uintptr_t packed, uintptr_t abs
 }  // namespace
 
 // x: (M, K) with row stride stride_xm (elements) and unit column stride; y: (M, N)
-// contiguous; bias: (N,) or 0. Dtypes: x/y/bias share x_dtype (fp16 or bf16).
+// contiguous; bias: (N,) or 0. absmax: fp32 per block, or (state2_* and offset non-zero)
+// uint8 codes of the nested statistics. Dtypes: x/y/bias share x_dtype (fp16 or bf16).
 void nf4_gemv_launch(uintptr_t x, int64_t stride_xm, uintptr_t packed, uintptr_t absmax,
-                     uintptr_t code, uintptr_t bias, uintptr_t y, int64_t M, int64_t N,
+                     uintptr_t code, uintptr_t state2_absmax, uintptr_t state2_code,
+                     uintptr_t offset, uintptr_t bias, uintptr_t y, int64_t M, int64_t N,
                      int64_t K, int64_t blocksize, int x_dtype, int w_dtype, uintptr_t stream) {
   if (M < 1 || M > 16)
     throw std::invalid_argument("nf4_gemv: M must be in [1, 16], got " + std::to_string(M));
@@ -194,12 +217,16 @@ void nf4_gemv_launch(uintptr_t x, int64_t stride_xm, uintptr_t packed, uintptr_t
     throw std::invalid_argument("nf4_gemv: unknown weight dtype code " + std::to_string(w_dtype));
   const bool vec = K % 32 == 0 && blocksize % 32 == 0 && packed % 16 == 0 && x % 16 == 0 &&
                    stride_xm % 8 == 0;
+  if ((state2_absmax == 0) != (state2_code == 0) || (state2_absmax == 0) != (offset == 0))
+    throw std::invalid_argument("nf4_gemv: nested statistics need state2_absmax, state2_code and offset together");
+  const Scales scales{reinterpret_cast<const void*>(absmax), reinterpret_cast<const float*>(state2_absmax),
+                      reinterpret_cast<const float*>(state2_code), reinterpret_cast<const float*>(offset)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int m = static_cast<int>(M);
   if (x_dtype == kF16)
-    launch_t<__half>(w_dtype, x, stride_xm, packed, absmax, code, bias, y, m, N, K, blocksize, vec, s);
+    launch_t<__half>(w_dtype, x, stride_xm, packed, scales, code, bias, y, m, N, K, blocksize, vec, s);
   else
-    launch_t<__nv_bfloat16>(w_dtype, x, stride_xm, packed, absmax, code, bias, y, m, N, K, blocksize, vec, s);
+    launch_t<__nv_bfloat16>(w_dtype, x, stride_xm, packed, scales, code, bias, y, m, N, K, blocksize, vec, s);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("nf4_gemv: launch failed: ") + cudaGetErrorString(err));

@@ -67,6 +67,19 @@ def triton_importable() -> tuple[bool, str | None]:
     return True, None
 
 
+def triton_interprets() -> bool:
+    """Whether fastlora's Triton kernels run in Triton's interpreter (on CPU tensors).
+
+    Asked of Triton itself, through the type of one of our decorated kernels: Triton
+    picks its interpreter when a kernel is decorated, from its own documented switch
+    (``TRITON_INTERPRET=1``). fastlora never reads that variable."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import nf4_triton
+
+    return isinstance(nf4_triton._nf4_quantize_kernel, InterpretedFunction)
+
+
 def available(backend: Backend) -> tuple[bool, str | None]:
     """Whether ``backend`` can run at all on this machine, and why not."""
     if backend is Backend.REFERENCE:
@@ -116,6 +129,13 @@ def select(
             raise ValueError(f"{op}: the cuda backend needs CUDA tensors, got {device}")
         if req is Backend.CPP and device.type != "cpu":
             raise ValueError(f"{op}: the cpp backend needs CPU tensors, got {device}")
+        if req is Backend.TRITON and device.type != "cuda" and not triton_interprets():
+            raise ValueError(
+                f"{op}: the triton backend got tensors on {device}, but compiled Triton kernels "
+                "run on CUDA tensors only; CPU tensors run only in Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before triton is imported, for tests). Move the "
+                "tensors to a GPU, or use backend='cpp' / 'reference' on CPU"
+            )
         return req
 
     if device.type == "cuda":

@@ -432,7 +432,7 @@ class NF4Weight:
 
     __slots__ = (
         "packed", "absmax", "code", "shape", "dtype", "blocksize", "nested", "offset",
-        "state2_absmax", "state2_code", "state2_blocksize",
+        "state2_absmax", "state2_code", "state2_blocksize", "_lora_storage",
     )  # fmt: skip
 
     def __init__(
@@ -517,6 +517,7 @@ class NF4Weight:
         self.state2_absmax = state2_absmax
         self.state2_code = state2_code
         self.state2_blocksize = int(state2_blocksize)
+        self._lora_storage = None  # lora_linear's checked view of these tensors, built once
 
     # -- properties -------------------------------------------------------------------------
     @property

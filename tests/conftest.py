@@ -17,6 +17,22 @@ if not HAS_CUDA:
 torch.manual_seed(0)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--triton-autotune", choices=["full", "one"], default="full",
+        help="fused NF4 GEMM on a GPU: autotune over every dispatchable config (full), or run "
+        "one fixed config per M bucket (one: what scripts/gpu/run_gpu.sh uses, so the GPU's "
+        "minutes test rather than time candidates; tests/test_aot_compile.py covers every config)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--triton-autotune", default="full") == "one":
+        from fastlora.kernels import lora_linear_triton
+
+        lora_linear_triton.set_autotune(False)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

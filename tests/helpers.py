@@ -32,5 +32,10 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+# Triton tests run on the GPU when one is present, else under Triton's interpreter on CPU
+# tensors (tests/conftest.py selects the interpreter only when there is no GPU): never CPU
+# tensors with the compiled backend, which fastlora refuses.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 requires_triton = pytest.mark.skipif(not has_module("triton"), reason="triton is not installed")
 requires_bnb = pytest.mark.skipif(not has_module("bitsandbytes"), reason="bitsandbytes is not installed")

@@ -18,7 +18,9 @@ from fastlora import bench
 def test_tiny_preset_runs_checks_and_writes_results(tmp_path):
     # one torch thread: CI may share its 2 cores with other jobs, and a descheduled
     # worker thread stalls every parallel op (speed is not what this test checks)
-    rc = bench.run(preset="tiny", results_dir=tmp_path, pytest_args=["--bench-threads", "1"])
+    # pinned to the CPU: on a GPU host "auto" would benchmark the GPU (and the device
+    # asserted below would be wrong)
+    rc = bench.run(preset="tiny", results_dir=tmp_path, pytest_args=["--bench-threads", "1", "--bench-device", "cpu"])
     jsons = list(tmp_path.glob("*.json"))
     assert len(jsons) == 1, f"expected one results JSON in {tmp_path}, found {jsons}"
     data = json.loads(jsons[0].read_text())
@@ -76,10 +78,29 @@ def test_nf4_eager_reference_is_bitexact_with_bitsandbytes():
     from benchmarks import harness as H
 
     w = H.randn((96, 320), seed=0, device="cpu", dtype=torch.bfloat16, scale=0.02)
-    packed, qs = H.quantize_bnb(w)
     import bitsandbytes.functional as F
 
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+
     assert torch.equal(H.nf4_dequantize_eager(packed, qs, torch.bfloat16), F.dequantize_4bit(packed, qs))
+
+
+def test_nf4_inputs_need_no_bitsandbytes(monkeypatch):
+    """The benchmarks' NF4 inputs come from fastlora's quantizer; without bitsandbytes the
+    quant state is a namespace that NF4Weight.from_bnb and the eager peer both read."""
+    import importlib.util
+
+    from benchmarks import harness as H
+    from fastlora.nf4 import NF4Weight, quantize_nf4
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    w = H.randn((48, 256), seed=1, device="cpu", dtype=torch.bfloat16, scale=0.02)
+    packed, qs = H.quantize_nf4_inputs(w)
+    assert type(qs).__module__ == "types"
+    expected = quantize_nf4(w, 64).dequantize()
+    assert torch.equal(NF4Weight.from_bnb((packed, qs)).dequantize(), expected)
+    assert torch.equal(H.nf4_dequantize_eager(packed, qs, torch.bfloat16), expected)
 
 
 def test_bad_arguments():

@@ -8,7 +8,7 @@ import torch
 import fastlora
 from fastlora.backend import Backend
 from fastlora.ops import cross_entropy as ce_mod
-from tests.helpers import assert_close, requires_triton
+from tests.helpers import TRITON_DEVICE, assert_close, requires_triton
 
 ref = ce_mod._reference
 
@@ -30,22 +30,23 @@ def _data(n, v, dtype=torch.float64, mag=3.0, mask_every=3, seed=0):
 def _check(x, y, *, rtol=None, atol=None, backend=None, upstream_seed=1, **opts):
     """Forward and gradient of fastlora vs the float64 reference, with a random
     upstream gradient for reduction='none' so every row's gradient is checked."""
-    x1 = x.detach().clone().requires_grad_()
+    dev = TRITON_DEVICE if Backend.parse(backend) is Backend.TRITON else x.device
+    x1 = x.detach().clone().to(dev).requires_grad_()
     x2 = x.detach().double().requires_grad_()
-    out = fastlora.cross_entropy(x1, y, backend=backend, **opts)
+    out = fastlora.cross_entropy(x1, y.to(dev), backend=backend, **opts)
     exp = ref(x2, y, **opts)
     if out.dim():
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-        (out * w.to(out.dtype)).sum().backward()
+        (out * w.to(out.device, out.dtype)).sum().backward()
         (exp * w).sum().backward()
     else:
         out.backward()
         exp.backward()
     assert out.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    assert_close(out, exp, dtype=x.dtype, rtol=rtol, atol=atol, msg="loss")
+    assert_close(out.cpu(), exp, dtype=x.dtype, rtol=rtol, atol=atol, msg="loss")
     assert x1.grad.dtype == x.dtype
-    assert_close(x1.grad, x2.grad, dtype=x.dtype, rtol=rtol, atol=atol, msg="grad logits")
-    return out, x1.grad
+    assert_close(x1.grad.cpu(), x2.grad, dtype=x.dtype, rtol=rtol, atol=atol, msg="grad logits")
+    return out.cpu(), x1.grad.cpu()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -224,8 +225,8 @@ def test_triton_matches_reference(opts):
 def test_triton_large_logits_and_all_masked():
     x, y = _data(5, 130, dtype=torch.float32, mag=1e4)
     _check(x, y, backend=Backend.TRITON, rtol=1e-5, atol=1e-4, reduction="none")
-    x = torch.randn(4, 70, requires_grad=True)
-    out = fastlora.cross_entropy(x, torch.full((4,), -100), backend="triton")
+    x = torch.randn(4, 70, device=TRITON_DEVICE, requires_grad=True)
+    out = fastlora.cross_entropy(x, torch.full((4,), -100, device=TRITON_DEVICE), backend="triton")
     out.backward()
     assert out.item() == 0 and (x.grad == 0).all()
 
@@ -233,11 +234,11 @@ def test_triton_large_logits_and_all_masked():
 @requires_triton
 def test_triton_inplace_backward():
     x, y = _data(6, 77, dtype=torch.float32)
-    leaf = x.clone().requires_grad_()
-    fastlora.cross_entropy(leaf * 1.0, y, inplace_backward=True, backend="triton", z_loss=1e-3).backward()
+    leaf = x.clone().to(TRITON_DEVICE).requires_grad_()
+    fastlora.cross_entropy(leaf * 1.0, y.to(TRITON_DEVICE), inplace_backward=True, backend="triton", z_loss=1e-3).backward()
     x2 = x.double().requires_grad_()
     ref(x2, y, z_loss=1e-3).backward()
-    assert_close(leaf.grad, x2.grad, dtype=torch.float32)
+    assert_close(leaf.grad.cpu(), x2.grad, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -307,6 +308,7 @@ def test_triton_launcher_refuses_bad_layouts():
     from fastlora.kernels.cross_entropy_triton import ce_rows
 
     x, y = _data(4, 10, dtype=torch.float32, mask_every=0)
+    x, y = x.to(TRITON_DEVICE), y.to(TRITON_DEVICE)
     with pytest.raises(ValueError, match=r"strides \(1, 4\)"):
         ce_rows(x.t().contiguous().t(), y)
     with pytest.raises(ValueError, match=r"labels \(3,\)"):

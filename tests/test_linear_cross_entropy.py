@@ -9,7 +9,7 @@ import torch
 import fastlora
 from fastlora.backend import Backend
 from fastlora.ops import linear_cross_entropy as lce_mod
-from tests.helpers import assert_close, requires_triton
+from tests.helpers import TRITON_DEVICE, assert_close, requires_triton
 
 ref = lce_mod._reference
 
@@ -28,30 +28,31 @@ def _data(n, h, v, dtype=torch.float64, mask_every=3, seed=0, wscale=1.0, lead=N
 
 
 def _check(hid, w, b, y, *, use_bias=True, grad_w=True, rtol=None, atol=None, backend=None, **opts):
-    leaves = [hid.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(grad_w),
-              b.detach().clone().requires_grad_()]
+    dev = TRITON_DEVICE if Backend.parse(backend) is Backend.TRITON else hid.device
+    leaves = [hid.detach().clone().to(dev).requires_grad_(), w.detach().clone().to(dev).requires_grad_(grad_w),
+              b.detach().clone().to(dev).requires_grad_()]
     refs = [t.detach().double().requires_grad_() for t in leaves]
     bias, rbias = (leaves[2], refs[2]) if use_bias else (None, None)
-    out = fastlora.linear_cross_entropy(leaves[0], leaves[1], y, bias=bias, backend=backend, **opts)
+    out = fastlora.linear_cross_entropy(leaves[0], leaves[1], y.to(dev), bias=bias, backend=backend, **opts)
     opts.pop("chunk_size", None)
-    exp = ref(refs[0], refs[1], y, bias=rbias, **opts)
+    exp = ref(refs[0], refs[1], y.to(dev), bias=rbias, **opts)
     if out.dim():
         wt = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        (out * wt.to(out.dtype)).sum().backward()
+        (out * wt.to(out.device, out.dtype)).sum().backward()
         (exp * wt).sum().backward()
     else:
         out.backward()
         exp.backward()
     dt = hid.dtype
-    assert_close(out, exp, dtype=dt, rtol=rtol, atol=atol, msg="loss")
+    assert_close(out.cpu(), exp.cpu(), dtype=dt, rtol=rtol, atol=atol, msg="loss")
     names = ["hidden", "weight", "bias"]
     for name, a, e in zip(names, leaves, refs):
         if not a.requires_grad or (name == "bias" and not use_bias):
             assert a.grad is None, name
             continue
         assert a.grad.dtype == dt, name
-        assert_close(a.grad, e.grad, dtype=dt, rtol=rtol, atol=atol, msg=f"grad {name}")
-    return out, leaves
+        assert_close(a.grad.cpu(), e.grad.cpu(), dtype=dt, rtol=rtol, atol=atol, msg=f"grad {name}")
+    return out.cpu(), leaves
 
 
 OPTIONS = [
@@ -220,11 +221,13 @@ def test_triton_matches_reference(opts):
 @requires_triton
 def test_triton_extras():
     hid, w, b, y = _data(10, 8, 70, dtype=torch.float32, wscale=4.0)
-    loss, ex = fastlora.linear_cross_entropy(hid, w, y, return_extras=True, backend="triton", chunk_size=3)
+    d = TRITON_DEVICE
+    loss, ex = fastlora.linear_cross_entropy(hid.to(d), w.to(d), y.to(d), return_extras=True, backend="triton",
+                                             chunk_size=3)
     rloss, rex = ref(hid, w, y, return_extras=True)
-    assert_close(loss, rloss)
-    assert_close(ex["accuracy"], rex["accuracy"].double())
-    assert_close(ex["entropy"], rex["entropy"], rtol=1e-5, atol=1e-5)
+    assert_close(loss.cpu(), rloss)
+    assert_close(ex["accuracy"].cpu(), rex["accuracy"].double())
+    assert_close(ex["entropy"].cpu(), rex["entropy"], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- GPU

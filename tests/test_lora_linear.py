@@ -1,7 +1,9 @@
 """fastlora.lora_linear against a float64 reference: forward and every gradient.
 
-The NF4 weights are quantized by bitsandbytes (the oracle for the format) and the dense
-reference weight is bitsandbytes' own dequantization, upcast to float64.
+The NF4 weights come from fastlora's own quantizer (bit-exact with bitsandbytes:
+tests/test_nf4.py proves it where bitsandbytes is installed), so these tests need no
+bitsandbytes; the dense reference weight is the pure-torch reference dequantization,
+upcast to float64.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from fastlora.ops.lora_linear import (
     nf4_linear_bwd_input,
     nf4_linear_fwd,
 )
-from tests.helpers import assert_close, has_module, requires_bnb, requires_triton
+from tests.helpers import assert_close, requires_triton
 
 HAS_CUDA = torch.cuda.is_available()
 K, N, R, BS = 200, 130, 8, 64  # K and N are not multiples of the block or of blocksize
@@ -23,16 +25,13 @@ K, N, R, BS = 200, 130, 8, 64  # K and N are not multiples of the block or of bl
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-pytestmark = requires_bnb
-
 
 def device_for(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 class _BnbNF4:
-    """The NF4Weight contract over bitsandbytes' own quantization (used only when
-    fastlora.nf4 cannot wrap bnb storage)."""
+    """The duck-typed NF4 contract (no NF4Weight): packed bytes and fp32 block scales."""
 
     def __init__(self, packed, absmax, code, shape, blocksize, dtype):
         self.packed, self._absmax, self.code = packed, absmax, code
@@ -44,23 +43,20 @@ class _BnbNF4:
 
 
 def make_nf4(out_f, in_f, dtype=torch.float32, device="cpu", blocksize=BS, seed=0, wrap=None):
-    """(NF4 weight, its dense dequantization by bitsandbytes in the weight's dtype).
+    """(NF4 weight, its dense dequantization in the weight's dtype).
 
-    The weight is ``fastlora.NF4Weight.from_bnb`` (double-quantized statistics) when
-    fastlora.nf4 is importable, else the same contract over bnb's tensors (``wrap="raw"``
-    forces the latter, whose fields the bad-input tests corrupt)."""
-    import bitsandbytes.functional as bf
+    The weight is a double-quantized ``fastlora.NF4Weight`` from fastlora's CPU quantizer;
+    ``wrap="raw"`` gives the same values through the duck-typed contract with fp32
+    statistics (whose fields the bad-input tests corrupt)."""
+    from fastlora.nf4 import quantize_nf4
 
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype)
-    packed, qs = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    dense = bf.dequantize_4bit(packed, qs).to(device)  # the oracle, in `dtype`
-    if wrap is None and has_module("fastlora.nf4"):
-        from fastlora.nf4 import NF4Weight
-
-        return NF4Weight.from_bnb((packed, qs)).to(device), dense
-    absmax = (bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-    weight = _BnbNF4(packed.to(device), absmax.to(device), qs.code.float().to(device),
+    q = quantize_nf4(w, blocksize, double_quant=True, backend="cpp")
+    dense = q.dequantize(backend="reference").to(device)  # the oracle, in `dtype`
+    if wrap is None:
+        return q.to(device), dense
+    weight = _BnbNF4(q.packed.to(device), q.absmax_f32().to(device), q.code.to(device),
                      (out_f, in_f), blocksize, dtype)
     return weight, dense
 
@@ -333,31 +329,135 @@ def test_dispatch_prefers_gemv_for_decode_on_cuda(monkeypatch):
     # Pretend every backend is available: the choice itself is what is tested here.
     import fastlora.backend as fb
     import fastlora.ops.lora_linear as ll
-    from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends
+    from fastlora.ops.lora_linear import GEMV_MAX_M, _choose_backends_uncached
 
     monkeypatch.setattr(fb, "available", lambda b: (True, None))
     monkeypatch.setattr(ll, "_gemv_missing", lambda: None)
     cuda = torch.device("cuda")
     T, C = Backend.TRITON, Backend.CUDA
-    assert _choose_backends(cuda, 1, torch.bfloat16, None) == (C, T)
-    assert _choose_backends(cuda, GEMV_MAX_M, torch.float16, None) == (C, T)
-    assert _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, None) == (T, T)
-    assert _choose_backends(cuda, 1, torch.float32, None) == (T, T)  # the GEMV is 16-bit only
-    assert _choose_backends(cuda, 1, torch.bfloat16, "triton") == (T, T)
-    assert _choose_backends(torch.device("cpu"), 1, torch.float32, None) == (Backend.CPP,) * 2
-    assert _choose_backends(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
+    assert _choose_backends_uncached(cuda, 1, torch.bfloat16, None) == (C, T)
+    assert _choose_backends_uncached(cuda, GEMV_MAX_M, torch.float16, None) == (C, T)
+    assert _choose_backends_uncached(cuda, GEMV_MAX_M + 1, torch.bfloat16, None) == (T, T)
+    assert _choose_backends_uncached(cuda, 1, torch.float32, None) == (T, T)  # the GEMV is 16-bit only
+    assert _choose_backends_uncached(cuda, 1, torch.bfloat16, "triton") == (T, T)
+    assert _choose_backends_uncached(torch.device("cpu"), 1, torch.float32, None) == (Backend.CPP,) * 2
+    assert _choose_backends_uncached(torch.device("cpu"), 1, torch.float32, "reference") == (Backend.REFERENCE,) * 2
     with pytest.raises(ValueError, match="no cuda backend"):
-        _choose_backends(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
+        _choose_backends_uncached(cuda, GEMV_MAX_M + 1, torch.bfloat16, "cuda")
     # an extension without the GEMV: Triton serves decode too, and says why
     import fastlora._ext
 
     monkeypatch.setattr(ll, "_gemv_missing", lambda: "no nf4_gemv")
     monkeypatch.setattr(fastlora._ext, "_warned", set())  # warn_once: fresh for this check
     with pytest.warns(RuntimeWarning, match="no nf4_gemv"):
-        assert _choose_backends(cuda, 1, torch.bfloat16, None) == (T, T)
+        assert _choose_backends_uncached(cuda, 1, torch.bfloat16, None) == (T, T)
     # a dtype without a GPU kernel: the reference, and it says so
     with pytest.warns(RuntimeWarning, match="no GPU kernel for torch.float64"):
-        assert _choose_backends(cuda, 1, torch.float64, None) == (Backend.REFERENCE,) * 2
+        assert _choose_backends_uncached(cuda, 1, torch.float64, None) == (Backend.REFERENCE,) * 2
+
+
+def test_dispatch_picks_each_path_at_its_sizes():
+    """gemv up to GEMV_MAX_M rows, the fused GEMM below DENSE_MIN_M, the dequantize-into-
+    a-buffer + matmul path from DENSE_MIN_M up (and wherever the fused kernel has no
+    variant: odd K, fp32 on a GPU, the CPU backends)."""
+    from fastlora.ops.lora_linear import DENSE_MIN_M, GEMV_MAX_M, _path
+
+    T, C, P, Rf = Backend.TRITON, Backend.CUDA, Backend.CPP, Backend.REFERENCE
+    bf16 = torch.bfloat16
+    assert 1 <= GEMV_MAX_M < DENSE_MIN_M
+    for fwd in (True, False):
+        assert _path(T, "cuda", GEMV_MAX_M + 1, 4096, bf16, fwd, 64) == "fused"
+        assert _path(T, "cuda", DENSE_MIN_M - 1, 4096, bf16, fwd, 64) == "fused"
+        assert _path(T, "cuda", DENSE_MIN_M, 4096, bf16, fwd, 64) == "buffer"
+        assert _path(T, "cuda", 16384, 14336, torch.float16, fwd, 64) == "buffer"
+        assert _path(T, "cuda", 8, 4096, torch.float32, fwd, 64) == "buffer"  # no fp32 GEMM variant
+        assert _path(T, "cuda", 8, 4095, bf16, fwd, 64) == "buffer"  # a byte would straddle rows
+        assert _path(T, "cpu", DENSE_MIN_M, 4096, torch.float32, fwd, 64) == "fused"  # interpreter tests
+        assert _path(T, "cpu", 8, 200, torch.float32, fwd, 64) == "fused"  # rows not whole blocks
+        # on a GPU only the spill-free variants: rows of whole blocks of >= 64 weights
+        assert _path(T, "cuda", 8, 4096, bf16, fwd, 128) == "fused"
+        assert _path(T, "cuda", 8, 4096, bf16, fwd, 32) == "buffer"
+        assert _path(T, "cuda", 8, 4096 + 32, bf16, fwd, 64) == "buffer"
+        for b in (P, Rf):
+            assert _path(b, "cpu", 1, 4096, torch.float32, fwd, 64) == "buffer"
+            assert _path(b, "cpu", 100000, 4096, bf16, fwd, 64) == "buffer"
+    # the GEMV computes forwards only; its backward is a GEMM
+    assert _path(C, "cuda", 1, 4096, bf16, True, 64) == "gemv"
+    assert _path(C, "cuda", 1, 4096, bf16, False, 64) == "fused"
+
+
+def test_buffer_path_reuses_one_buffer_across_layers(monkeypatch):
+    """Two layers of different shapes, forward and backward: one dense-weight buffer per
+    (device, dtype), sized to the largest weight, and results equal to the reference."""
+    import fastlora.ops.lora_linear as ll
+
+    ll.release_dequant_buffers()
+    assert ll.dequant_buffer_bytes() == {}
+    seen = []
+    real = ll._DequantBuffer.get
+
+    def spy(numel, dtype, device):
+        t = real(numel, dtype, device)
+        seen.append((t.untyped_storage().data_ptr(), numel))
+        return t
+
+    monkeypatch.setattr(ll._DequantBuffer, "get", spy)
+    w1, d1 = make_nf4(N, K, seed=3)  # the larger weight first
+    w2, d2 = make_nf4(40, K, seed=4)
+    for weight, dense, n in ((w1, d1, N), (w2, d2, 40)):
+        x, A, _, _ = make_inputs((5,), torch.float32)
+        B = (torch.randn(n, R, generator=torch.Generator().manual_seed(2)) / R**0.5).requires_grad_()
+        y = lora_linear(x, weight, A, B, 0.5, None, backend="cpp")
+        y_ref = lora_linear_reference(x.double(), dense.double(), A.double(), B.double(), 0.5)
+        assert_close(y, y_ref, rtol=1e-5, atol=2e-5)
+        y.sum().backward()
+    # each layer's forward decodes; its backward, right after, finds its decode still
+    # in the buffer (a model's other layers would have overwritten it: then it decodes)
+    assert len(seen) == 2
+    assert len({p for p, _ in seen}) == 1, "every call must reuse the same buffer"
+    assert ll.dequant_buffer_bytes() == {"cpu/float32": N * K * 4}
+    # w1 again after w2 used the buffer: decoded again, and right
+    x, A, B, _ = make_inputs((3,), torch.float32)
+    y = lora_linear(x, w1, A, B, 0.5, None, backend="cpp")
+    assert len(seen) == 3
+    assert_close(y, lora_linear_reference(x.double(), d1.double(), A.double(), B.double(), 0.5), rtol=1e-5, atol=2e-5)
+    # an in-place change of the weight's bytes is seen (version counter), not served stale
+    with torch.no_grad():
+        w1.packed[:5] ^= 0x11
+    y2 = lora_linear(x, w1, A, B, 0.5, None, backend="cpp")
+    assert len(seen) == 4
+    assert_close(y2, lora_linear(x, w1, A, B, 0.5, None, backend="reference"), rtol=1e-6, atol=1e-6)
+    ll.release_dequant_buffers()
+    assert ll.dequant_buffer_bytes() == {}
+
+
+def test_buffer_path_numerics_match_reference_in_float64():
+    """The buffer path's matmul + addmm(alpha=scaling) is the reference's formula: in
+    float64 (x, LoRA) the two agree to rounding, forward and every gradient."""
+    weight, dense = make_nf4(N, K)
+    x, A, B, b = make_inputs((7,), torch.float64)
+    check(x, weight, dense, A, B, b, backend="cpp", dtype=torch.float64, tol=(1e-12, 1e-12))
+
+
+def test_triton_refuses_cpu_tensors_unless_interpreting():
+    """Compiled Triton kernels cannot take CPU tensors: without Triton's interpreter the
+    library says so, instead of a launcher error deep inside Triton."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastlora\n"
+        "from fastlora.nf4 import quantize_nf4\n"
+        "w = quantize_nf4(torch.randn(8, 64), 64)\n"
+        "try:\n"
+        "    fastlora.lora_linear(torch.randn(2, 64), w, torch.randn(4, 64), torch.randn(8, 4), backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in proc.stdout and "interpreter" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -401,6 +501,23 @@ def test_triton(dtype, M, bias, r):
     weight, dense = make_nf4(N, K, dtype=dtype, device=dev)
     x, A, B, b = make_inputs((M,), dtype, device=dev, r=r, bias=bias)
     check(x, weight, dense, A, B, b, backend="triton")
+
+
+@requires_triton
+@pytest.mark.parametrize("k,blocksize", [(192, 64), (256, 128), (199, 64)])
+def test_triton_whole_block_rows_and_odd_k(k, blocksize):
+    """Rows that are whole NF4 blocks (the fused kernel's one-scale-per-row tiles), and
+    an odd K, which dispatch sends to the dequantize + matmul path."""
+    dev = TRITON_DEVICE
+    g = torch.Generator().manual_seed(12)
+    from fastlora.nf4 import quantize_nf4
+
+    q = quantize_nf4((torch.randn(N, k, generator=g) / k**0.5), blocksize, backend="cpp")
+    dense = q.dequantize(backend="reference").to(dev)
+    x = torch.randn(9, k, generator=g).to(dev).requires_grad_()
+    A = (torch.randn(R, k, generator=g) / k**0.5).to(dev).requires_grad_()
+    B = (torch.randn(N, R, generator=g) / R**0.5).to(dev).requires_grad_()
+    check(x, q.to(dev), dense, A, B, None, backend="triton")
 
 
 @requires_triton

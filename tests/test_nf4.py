@@ -14,7 +14,10 @@ from fastlora.backend import Backend
 from fastlora.nf4 import NF4_CODE, VALID_BLOCKSIZES, NF4Weight, dynamic_code, quantize_nf4
 from tests.helpers import has_module, requires_bnb, requires_triton
 
-pytestmark = requires_bnb
+HAS_CUDA = torch.cuda.is_available()
+# Triton runs on the GPU when there is one, else in its interpreter on CPU tensors
+# (tests/conftest.py selects the interpreter only when no GPU is present).
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (out, in): odd n, n smaller than a block, rows that are not a multiple of any block,
@@ -79,6 +82,7 @@ def assert_matches_bnb(q: NF4Weight, packed, state, double_quant, what=""):
 # ------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------
+@requires_bnb
 def test_code_tables_match_bnb():
     import bitsandbytes.functional as F
 
@@ -90,12 +94,21 @@ def test_code_tables_match_bnb():
 # quantize: bit-exact with bitsandbytes
 # ------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
+def nf4_case(dtype, blocksize, double_quant, shape):
+    """An NF4Weight from fastlora's own CPU quantizer (bit-exact with bitsandbytes, see
+    test_quantize_bit_exact_with_bnb): the input of the tests that need no bitsandbytes."""
+    w = make_weight(shape, dtype, seed=hash((shape, blocksize)) % 1000)
+    return quantize_nf4(w, blocksize, double_quant, backend="cpp")
+
+
+@functools.lru_cache(maxsize=None)
 def bnb_case(dtype, blocksize, double_quant, shape):
     """(weight, bnb packed, bnb QuantState), computed once and shared by every backend."""
     w = make_weight(shape, dtype, seed=hash((shape, blocksize)) % 1000)
     return (w, *bnb_quantize(w, blocksize, double_quant))
 
 
+@requires_bnb
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("blocksize", VALID_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,6 +120,7 @@ def test_quantize_bit_exact_with_bnb(dtype, blocksize, double_quant):
         assert q.shape == torch.Size(shape) and q.dtype == dtype and q.blocksize == blocksize
 
 
+@requires_bnb
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantize_nested_statistics_many_blocks(backend):
     # 3 nested blocks with a partial last one, and statistics spanning orders of magnitude,
@@ -117,6 +131,7 @@ def test_quantize_nested_statistics_many_blocks(backend):
     assert_matches_bnb(quantize_nf4(w, 64, True, backend=backend), packed, state, True)
 
 
+@requires_bnb
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_zero_and_constant_blocks(backend, dtype):
@@ -133,6 +148,7 @@ def test_quantize_zero_and_constant_blocks(backend, dtype):
         assert_bits_equal(out, formula_dequantize(q.packed, q.absmax_f32(), bs, q.shape, dtype))
 
 
+@requires_bnb
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantize_all_equal_absmax_nested(backend):
     # Every block has the same absmax, so absmax - mean is all zero and the nested block's
@@ -147,6 +163,7 @@ def test_quantize_all_equal_absmax_nested(backend):
 # ------------------------------------------------------------------------------------------
 # dequantize: bit-exact with bitsandbytes and with the formula
 # ------------------------------------------------------------------------------------------
+@requires_bnb
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("blocksize", (32, 64, 256, 1024, 4096))
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -193,6 +210,7 @@ def _linear4bit(in_f=128, out_f=64, dq=True, dtype=torch.bfloat16, seed=0):
     return lin
 
 
+@requires_bnb
 @pytest.mark.parametrize("dq", [False, True])
 def test_from_bnb_zero_copy(dq):
     lin = _linear4bit(dq=dq)
@@ -213,6 +231,7 @@ def test_from_bnb_zero_copy(dq):
     assert NF4Weight.from_bnb((w, w.quant_state)).packed.data_ptr() == w.data_ptr()
 
 
+@requires_bnb
 def test_from_bnb_non_uint8_storage():
     import bitsandbytes.functional as F
 
@@ -224,6 +243,7 @@ def test_from_bnb_non_uint8_storage():
     assert_bits_equal(nf4.packed.reshape(-1), ref_packed.reshape(-1))
 
 
+@requires_bnb
 def test_to_bnb_round_trip_in_linear4bit():
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -244,6 +264,7 @@ def test_to_bnb_round_trip_in_linear4bit():
     assert back.packed.data_ptr() == q.packed.data_ptr() and back.nested
 
 
+@requires_bnb
 def test_from_bnb_refuses_cpu_repacked_weight():
     lin = _linear4bit()
     lin.eval()
@@ -293,6 +314,7 @@ def test_quantize_rejects_bad_input():
         quantize_nf4(torch.empty(0, 64))
 
 
+@requires_bnb
 def test_from_bnb_rejects_bad_input():
     import bitsandbytes.functional as F
 
@@ -356,15 +378,39 @@ TRITON_SHAPES = ((1, 7), (9, 65), (33, 65))
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_bit_exact_with_bnb(dtype, blocksize, double_quant):
+def test_triton_bit_exact_with_reference(dtype, blocksize, double_quant):
+    # The CPU reference quantizer is the oracle (bit-exact with bitsandbytes:
+    # test_quantize_bit_exact_with_bnb); no bitsandbytes needed here.
     for shape in TRITON_SHAPES if blocksize > 64 else TRITON_SHAPES[:2]:
-        w, packed, state = bnb_case(dtype, blocksize, double_quant, shape)
-        q = quantize_nf4(w, blocksize, double_quant, backend="triton")
-        assert_matches_bnb(q, packed, state, double_quant, f"triton {shape}")
-        absmax = q.absmax_f32()
+        w = make_weight(shape, dtype, seed=hash((shape, blocksize)) % 1000)
+        ref = quantize_nf4(w, blocksize, double_quant, backend="reference")
+        q = quantize_nf4(w.to(TRITON_DEVICE), blocksize, double_quant, backend="triton")
+        assert_bits_equal(q.packed.cpu(), ref.packed, f"triton {shape} packed")
+        if double_quant and TRITON_DEVICE == "cuda" and not torch.equal(q.offset.cpu(), ref.offset):
+            # torch's CUDA mean sums in another order (see test_gpu_quantize_triton_matches_cpu)
+            torch.testing.assert_close(q.offset.cpu(), ref.offset, rtol=1e-6, atol=0)
+            continue
+        assert_bits_equal(q.absmax.cpu(), ref.absmax, f"triton {shape} absmax")
+        if double_quant:
+            assert_bits_equal(q.offset.cpu(), ref.offset, f"triton {shape} offset")
+            assert_bits_equal(q.state2_absmax.cpu(), ref.state2_absmax, f"triton {shape} state2 absmax")
+        absmax = ref.absmax_f32()
         for out_dtype in DTYPES:
-            expected = formula_dequantize(packed, absmax, blocksize, shape, out_dtype)
-            assert_bits_equal(q.dequantize(out_dtype, backend="triton"), expected, f"triton {shape} {out_dtype}")
+            expected = formula_dequantize(ref.packed, absmax, blocksize, shape, out_dtype)
+            got = q.dequantize(out_dtype, backend="triton").cpu()
+            assert_bits_equal(got, expected, f"triton {shape} {out_dtype}")
+
+
+@requires_bnb
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_bit_exact_with_bnb(dtype):
+    for shape in TRITON_SHAPES[:2]:
+        w, packed, state = bnb_case(dtype, 64, True, shape)
+        q = quantize_nf4(w.to(TRITON_DEVICE), 64, True, backend="triton")
+        assert_bits_equal(q.packed.cpu(), packed, f"triton {shape} packed")
+        if TRITON_DEVICE == "cpu":
+            assert_matches_bnb(q, packed, state, True, f"triton {shape}")
 
 
 @requires_triton
@@ -379,10 +425,12 @@ def test_triton_zero_constant_and_rounding_edges():
     w[2] = -0.25
     w[3, 64:] = 0
     for dq in (False, True):
-        packed, state = bnb_quantize(w, 32, dq)
-        q = quantize_nf4(w, 32, dq, backend="triton")
-        assert_matches_bnb(q, packed, state, dq, "triton")
-        assert torch.all(q.dequantize(backend="triton")[1] == 0)
+        ref = quantize_nf4(w, 32, dq, backend="reference")
+        q = quantize_nf4(w.to(TRITON_DEVICE), 32, dq, backend="triton")
+        assert_bits_equal(q.packed.cpu(), ref.packed, "triton packed")
+        if not (dq and TRITON_DEVICE == "cuda"):  # CUDA's mean may differ in the last bit
+            assert_bits_equal(q.absmax.cpu(), ref.absmax, "triton absmax")
+        assert torch.all(q.dequantize(backend="triton")[1].cpu() == 0)
     # fp16 subnormals / overflow and bf16 ties, nested statistics decoded in the kernel.
     g = torch.Generator().manual_seed(6)
     shape, bs = (5, 130), 32
@@ -396,7 +444,8 @@ def test_triton_zero_constant_and_rounding_edges():
     for wt in (NF4Weight(packed, scales, shape, torch.float16, bs), nested):
         for out_dtype in DTYPES:
             expected = formula_dequantize(packed, wt.absmax_f32(), bs, shape, out_dtype)
-            assert_bits_equal(wt.dequantize(out_dtype, backend="triton"), expected, f"triton edges {out_dtype}")
+            got = wt.to(TRITON_DEVICE).dequantize(out_dtype, backend="triton").cpu()
+            assert_bits_equal(got, expected, f"triton edges {out_dtype}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,8 +458,7 @@ def test_triton_zero_constant_and_rounding_edges():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_dequantize_bit_exact(backend, dtype, blocksize, double_quant):
     for shape in SHAPES + ((1024, 4096 + 64),):
-        w, packed, state = bnb_case(dtype, blocksize, double_quant, shape)
-        q = NF4Weight.from_bnb((packed, state))
+        q = nf4_case(dtype, blocksize, double_quant, shape)
         qc = q.to("cuda")
         for out_dtype in DTYPES:
             expected = q.dequantize(out_dtype, backend="reference")

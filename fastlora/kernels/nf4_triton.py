@@ -1,5 +1,5 @@
-"""Triton NF4 kernels: the in-register decode helper shared by every GEMM kernel,
-and the dequantize / quantize kernels with their launchers.
+"""Triton NF4 kernels: dequantize and quantize, with their launchers. (The fused GEMM
+decodes NF4 in its own K loop, two weights per byte: fastlora/kernels/lora_linear_triton.py.)
 
 Every kernel is bit-exact with the pure-torch reference in ``fastlora/nf4.py``:
 * products that are followed by an add (the double-quant statistics,
@@ -13,23 +13,6 @@ arguments: ``fastlora/nf4.py`` has validated them.
 """
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def nf4_decode(packed_ptr, absmax_ptr, code_ptr, idx, mask, BLOCKSIZE: tl.constexpr):
-    """fp32 values of the NF4 weight at flat row-major indices ``idx`` (int64 tensor of
-    any shape); 0 where ``mask`` is False.
-
-    bnb packs element 2i in the high nibble of byte i; blocks are runs of BLOCKSIZE
-    elements of the flattened [N, K] weight (a block may span two rows). The product is
-    code * absmax in fp32, as every bnb backend computes it; the caller rounds it to the
-    weight's dtype.
-    """
-    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    nib = tl.where((idx % 2) == 0, byte >> 4, byte & 0xF)
-    scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
-    value = tl.load(code_ptr + nib, mask=mask, other=0.0)
-    return value * scale
 
 
 @triton.jit
@@ -94,12 +77,16 @@ def _nf4_dequantize_kernel(
     tl.store(out_ptr + elem, out, mask=elem < n)
 
 
+# packed bytes per program of the dequantize kernel (1024 outputs)
+DEQUANT_BYTES = 512
+
+
 def nf4_dequantize_triton(packed, absmax, code, state2_absmax, state2_code, offset, blocksize, out):
     """Fill ``out`` (any float dtype, numel n) with the NF4 weight's values."""
     n = out.numel()
     n_bytes = (n + 1) // 2
     nested = state2_absmax is not None
-    BYTES = 512
+    BYTES = DEQUANT_BYTES
     grid = (triton.cdiv(n_bytes, BYTES),)
     dummy = absmax  # unused pointer arguments when not nested
     _nf4_dequantize_kernel[grid](
@@ -173,8 +160,10 @@ def _nf4_quantize_stats_kernel(
     v = x * tl.math.div_rn(tl.full((BLOCKSIZE,), 1.0, tl.float32), am)
     idx = tl.zeros((BLOCKSIZE,), dtype=tl.int32)
     for s in tl.static_range(8):
-        step: tl.constexpr = 128 >> s
-        cand = idx + step
+        # 128 >> s folds to a constant per unrolled step; binding it to a constexpr name
+        # would reassign that name on the second step, which compiled Triton rejects
+        # (the interpreter does not: tests/test_aot_compile.py catches it).
+        cand = idx + (128 >> s)
         t = tl.load(thr_ptr + (cand - 1), mask=cand <= 255, other=float("inf"))
         idx = tl.where(v >= t, cand, idx)
     tl.store(q_ptr + offs, idx.to(tl.uint8), mask=mask)

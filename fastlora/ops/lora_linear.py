@@ -30,6 +30,8 @@ kernels live in ``fastlora/kernels/lora_linear_triton.py``, the decode GEMV in
 from __future__ import annotations
 
 import math
+import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -39,11 +41,18 @@ from ..backend import Backend, select
 
 __all__ = ["lora_linear", "lora_linear_reference", "GEMV_MAX_M"]
 
-# Largest row count served by the CUDA decode GEMV; above it the Triton GEMM wins
-# because the weight tile is reused across rows.
-GEMV_MAX_M = 16
+# Largest row count served by the CUDA decode GEMV, from analysis until a GPU measures
+# it: the GEMV decodes each weight in every warp that reads it (~6 ops) and then spends
+# ~2 ops per row on it (convert x, FMA), all on the CUDA cores, so at H200's ~33 T ops/s
+# against 9.6 T packed weights/s it is memory-bound only up to M ~ 1-2; the fused GEMM
+# decodes each weight once per 16-row tile (~10 ops) and multiplies on the tensor cores.
+# They cross near M = 2..4 (at 16 rows the GEMV is FMA-bound and slower than cuBLAS).
+GEMV_MAX_M = 4
 
+# Activation dtypes with a GPU kernel (the fused GEMM takes fp16/bf16: fp32 on a GPU
+# runs the buffer path, see lora_linear_triton.GPU_DTYPES).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FUSED_GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,40 +96,162 @@ def _apply_dropout(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tenso
 # NF4 storage as the ops take it, bitsandbytes' fields as they are stored:
 #   packed (uint8), code (16 fp32), absmax (fp32, or uint8 codes when double-quantized),
 #   state2_absmax / state2_code / offset (the double-quant statistics, or None).
-# The fused kernels read fp32 scales, decoded per call; the C++ dequantizer decodes
-# double-quant statistics in the same pass as the weights.
+#
+# Three paths compute ``x·Wᵀ`` (and ``dy·W``); _path picks one per call:
+#   "gemv"   the CUDA decode GEMV (csrc/nf4_gemv_cuda.cu), forward, M <= GEMV_MAX_M;
+#   "fused"  the Triton GEMM that decodes W tile by tile in registers, M < DENSE_MIN_M;
+#   "buffer" W dequantized into a reused buffer (one layer's weight, see _DequantBuffer),
+#            then one torch matmul (cuBLAS / MKL) with the LoRA term folded in by addmm.
+# Large M is compute-bound: dequantizing is O(N·K), the GEMM O(M·N·K), so from a few
+# hundred rows a materialized weight costs a few percent, and cuBLAS's GEMM is faster
+# than any GEMM that decodes inside its K loop (whose decode is redone per row tile).
+#
+# DENSE_MIN_M, from analysis until a GPU measures it (H200, Llama-3-8B 4096x14336 bf16):
+# the buffer path's fixed cost is the dequantize (read 0.5 B + write 2 B per weight,
+# ~35 us at 4.8 TB/s) plus cuBLAS reading the dense W instead of the packed one (~20 us),
+# ~55 us; the fused GEMM instead decodes W once per 64-row tile, ~10 integer/float ops
+# per weight on the CUDA cores (~33 T ops/s): ~18 us per tile of rows, and it leaves the
+# tensor cores waiting meanwhile. They cross at ~3 row tiles, ~200 rows: 256 (a bucket
+# boundary of the fused kernel's autotuner). benchmarks/NOTES.md says how to measure it.
+DENSE_MIN_M = 256
 
 
-def _absmax_f32(packed, code, absmax, state2_absmax, state2_code, offset, shape, blocksize, dtype):
+class _DequantBuffer:
+    """The dense weight of the "buffer" path: ONE flat buffer per (device, dtype), grown
+    to the largest weight seen and reused by every layer, forward and backward.
+
+    Lifetime: from the first large-M call on a device until :func:`release_dequant_buffers`
+    (or process exit). Memory: one weight, e.g. Llama-3-8B's MLP 14336 x 4096 x 2 B =
+    117 MB in bf16, however many layers run. Each use is complete (dequantize, matmul)
+    before the next starts on the same stream: the buffer is never read by a later
+    kernel of an earlier call. Callers on several CUDA streams at once must not share it
+    (fastlora issues everything on the current stream).
+    """
+
+    _buffers: dict = {}
+    # what each buffer holds: (weak refs to the weight's tensors, their versions, format),
+    # so a backward right after its forward (a lone layer, the last layer of a model)
+    # reuses the decode. A weak ref, not an address: a freed weight's memory may be
+    # reused by another weight; a version counter: in-place writes change it.
+    _holds: dict = {}
+
+    @classmethod
+    def get(cls, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (device, dtype)
+        buf = cls._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            cls._buffers.pop(key, None)  # free the old one first: peak memory is one buffer
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            cls._buffers[key] = buf
+        cls._holds.pop(key, None)  # the caller is about to overwrite it
+        return buf[:numel]
+
+    @classmethod
+    def holding(cls, tensors, fmt, dtype, device) -> Optional[torch.Tensor]:
+        """The buffer if it still holds exactly this weight's decode, else None."""
+        key = (device, dtype)
+        held = cls._holds.get(key)
+        if held is None or held[2] != fmt:
+            return None
+        refs, versions = held[0], held[1]
+        for t, ref, version in zip(tensors, refs, versions):
+            if t is None:
+                if ref is not None:
+                    return None
+            elif ref is None or ref() is not t or t._version != version:
+                return None
+        return cls._buffers[key][: fmt[0][0] * fmt[0][1]]
+
+    @classmethod
+    def mark(cls, tensors, fmt, dtype, device) -> None:
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        versions = tuple(None if t is None else t._version for t in tensors)
+        cls._holds[(device, dtype)] = (refs, versions, fmt)
+
+    @classmethod
+    def nbytes(cls) -> dict:
+        return {f"{d}/{str(t)[6:]}": b.numel() * b.element_size() for (d, t), b in cls._buffers.items()}
+
+
+def dequant_buffer_bytes() -> dict:
+    """Bytes held by the reused dequantize buffers, by ``device/dtype``."""
+    return _DequantBuffer.nbytes()
+
+
+def release_dequant_buffers() -> None:
+    """Free the reused dequantize buffers (they come back on the next large-M call)."""
+    _DequantBuffer._buffers.clear()
+    _DequantBuffer._holds.clear()
+
+
+def _path(b: Backend, device_type: str, M: int, K: int, dtype: torch.dtype, forward: bool, blocksize: int) -> str:
+    """Which of "gemv", "fused", "buffer" computes this call (see above)."""
+    if b is Backend.CUDA:
+        return "gemv" if forward else _path(Backend.TRITON, device_type, M, K, dtype, forward, blocksize)
+    if b is not Backend.TRITON:
+        return "buffer"
+    if K % 2:  # the fused kernel decodes whole bytes: a byte may not straddle two rows
+        return "buffer"
+    if device_type == "cuda":
+        if M >= DENSE_MIN_M or dtype not in _FUSED_GPU_DTYPES:
+            return "buffer"
+        # The GPU variants proven spill-free (tests/test_aot_compile.py) read one block
+        # scale per weight row and K tile: rows of whole blocks of at least 64 weights
+        # (bitsandbytes' default is 64). Other layouts take the buffer path on a GPU.
+        if K % blocksize or blocksize < 64:
+            return "buffer"
+    return "fused"
+
+
+def _absmax_f32(absmax, state2_absmax, state2_code, offset):
     if state2_absmax is None:
-        return absmax.contiguous()
-    from ..nf4 import NF4Weight
+        return absmax
+    from ..nf4 import STATE2_BLOCKSIZE, _reference_decode_absmax
 
-    w = NF4Weight(
-        packed, absmax, shape, dtype, blocksize, code=code, offset=offset,
-        state2_absmax=state2_absmax, state2_code=state2_code,
-    )
-    return w.absmax_f32().contiguous()
+    return _reference_decode_absmax(absmax, state2_absmax, state2_code, offset, STATE2_BLOCKSIZE)
 
 
-def _dequantize_for(
+def _dense_weight(
     packed, code, absmax, state2_absmax, state2_code, offset, shape, blocksize, weight_dtype,
     out_dtype, backend: Backend,
 ) -> torch.Tensor:
-    """Dense W in ``out_dtype`` for the unfused CPU / reference paths, by fastlora.nf4's
-    dequantize op (C++ for CPP, the pure-torch spec for REFERENCE), rounded to the
-    weight's dtype first, as bitsandbytes' ``dequantize_4bit(W).to(x.dtype)``."""
-    from .. import nf4  # noqa: F401  (registers fastlora::nf4_dequantize)
+    """Dense W in ``out_dtype`` in the reused buffer, by fastlora.nf4's dequantize
+    implementation for ``backend``, rounded to the weight's dtype first (as bitsandbytes'
+    ``dequantize_4bit(W).to(x.dtype)``)."""
+    from ..nf4 import _dequantize_into
 
-    w = torch.ops.fastlora.nf4_dequantize(
-        packed, absmax, code, state2_absmax, state2_code, offset, blocksize, list(shape),
-        weight_dtype, backend.value,
-    )
-    return w.to(out_dtype)
+    n = shape[0] * shape[1]
+    tensors = (packed, absmax, code, state2_absmax, state2_code, offset)
+    fmt = (tuple(shape), blocksize)
+    w = _DequantBuffer.holding(tensors, fmt, weight_dtype, packed.device)
+    if w is None:
+        dq = backend
+        if dq in (Backend.TRITON, Backend.CUDA) and packed.device.type == "cuda":
+            dq = Backend.CUDA if _cuda_dequant_built() else Backend.TRITON
+        buf = _DequantBuffer.get(n, weight_dtype, packed.device)
+        w = _dequantize_into(*tensors[:2], code, *tensors[3:], blocksize, list(shape), weight_dtype, dq.value,
+                             out=buf.view(shape))
+        _DequantBuffer.mark(tensors, fmt, weight_dtype, packed.device)
+    w = w.view(shape)
+    return w if weight_dtype == out_dtype else w.to(out_dtype)
 
 
-@torch.library.custom_op("fastlora::nf4_linear_fwd", mutates_args=())
-def nf4_linear_fwd(
+def _cuda_dequant_built() -> bool:
+    from .. import _ext
+
+    ext = _ext.load()
+    return ext is not None and hasattr(ext, "nf4_dequantize_cuda")
+
+
+def _add_lora(y: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``y + scaling·(left @ right_t)``, in place: one addmm when the LoRA operands share
+    y's dtype; else the rank-r product in their dtype, cast to y's (PEFT's numerics)."""
+    if left.dtype == y.dtype:
+        return y.addmm_(left, right_t, alpha=scaling)
+    return y.add_(((left @ right_t) * scaling).to(y.dtype))
+
+
+def _nf4_linear_fwd_impl(
     x: torch.Tensor,
     packed: torch.Tensor,
     code: torch.Tensor,
@@ -142,23 +273,25 @@ def nf4_linear_fwd(
     b = Backend(backend)
     N, K = out_features, x.shape[1]
     stats = (state2_absmax, state2_code, offset)
-    if b in (Backend.TRITON, Backend.CUDA):
-        scale = _absmax_f32(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype)
-    if b is Backend.TRITON:
+    path = _path(b, x.device.type, x.shape[0], K, x.dtype, True, blocksize)
+    if path == "fused":
         from ..kernels.lora_linear_triton import nf4_matmul
 
         return nf4_matmul(
-            x, packed, scale, code, N, K, blocksize, weight_dtype,
+            x, packed, _absmax_f32(absmax, *stats).contiguous(), code, N, K, blocksize, weight_dtype,
             transpose_w=True, lora_left=xa, lora_right=lora_B, scaling=scaling, bias=bias,
         )
-    if b is Backend.CUDA:
-        y = _cuda_gemv(x, packed, scale, code, N, K, blocksize, weight_dtype, bias)
+    if path == "gemv":
+        y = _cuda_gemv(x, packed, absmax, *stats, code, N, K, blocksize, weight_dtype, bias)
     else:
-        w = _dequantize_for(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, x.dtype, b)
+        w = _dense_weight(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, x.dtype, b)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
     if xa is not None:
-        y = y + ((xa @ lora_B.t()) * scaling).to(y.dtype)
+        y = _add_lora(y, xa, lora_B.t(), scaling)
     return y
+
+
+nf4_linear_fwd = torch.library.custom_op("fastlora::nf4_linear_fwd", _nf4_linear_fwd_impl, mutates_args=())
 
 
 @nf4_linear_fwd.register_fake
@@ -167,8 +300,7 @@ def _(x, packed, code, absmax, state2_absmax, state2_code, offset, out_features,
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("fastlora::nf4_linear_bwd_input", mutates_args=())
-def nf4_linear_bwd_input(
+def _nf4_linear_bwd_input_impl(
     dy: torch.Tensor,
     packed: torch.Tensor,
     code: torch.Tensor,
@@ -189,19 +321,23 @@ def nf4_linear_bwd_input(
     b = Backend(backend)
     N, K = dy.shape[1], in_features
     stats = (state2_absmax, state2_code, offset)
-    if b is Backend.TRITON:
+    if _path(b, dy.device.type, dy.shape[0], K, dy.dtype, False, blocksize) == "fused":
         from ..kernels.lora_linear_triton import nf4_matmul
 
-        scale = _absmax_f32(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype)
         return nf4_matmul(
-            dy, packed, scale, code, N, K, blocksize, weight_dtype,
+            dy, packed, _absmax_f32(absmax, *stats).contiguous(), code, N, K, blocksize, weight_dtype,
             transpose_w=False, lora_left=t, lora_right=lora_A, scaling=1.0, bias=None,
         )
-    w = _dequantize_for(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, dy.dtype, b)
+    w = _dense_weight(packed, code, absmax, *stats, (N, K), blocksize, weight_dtype, dy.dtype, b)
     dx = dy @ w
     if t is not None:
-        dx = dx + (t @ lora_A).to(dx.dtype)
+        dx = _add_lora(dx, t, lora_A, 1.0)
     return dx
+
+
+nf4_linear_bwd_input = torch.library.custom_op(
+    "fastlora::nf4_linear_bwd_input", _nf4_linear_bwd_input_impl, mutates_args=()
+)
 
 
 @nf4_linear_bwd_input.register_fake
@@ -210,8 +346,16 @@ def _(dy, packed, code, absmax, state2_absmax, state2_code, offset, in_features,
     return dy.new_empty((dy.shape[0], in_features))
 
 
-def _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias):
-    """Decode-sized ``x·Wᵀ (+ bias)`` by the CUDA kernel of csrc/nf4_gemv_cuda.cu."""
+def _eager(t: torch.Tensor) -> bool:
+    # Eager calls on plain tensors run the implementations directly: a custom op's Python
+    # dispatch costs tens of microseconds, more than a decode-sized kernel. torch.compile,
+    # fake tensors and tensor subclasses go through the registered ops (and fake kernels).
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _cuda_gemv(x, packed, absmax, state2_absmax, state2_code, offset, code, N, K, blocksize, weight_dtype, bias):
+    """Decode-sized ``x·Wᵀ (+ bias)`` by the CUDA kernel of csrc/nf4_gemv_cuda.cu, which
+    decodes double-quantized statistics itself (no per-call torch ops for them)."""
     from .. import _ext
 
     why = _gemv_missing()
@@ -224,9 +368,12 @@ def _cuda_gemv(x, packed, absmax, code, N, K, blocksize, weight_dtype, bias):
         return y
     x = x if x.stride(1) == 1 else x.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
+    nested = state2_absmax is not None
     with torch.cuda.device(x.device):  # the launch goes to the current device
         ext.nf4_gemv(
             x.data_ptr(), x.stride(0), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+            state2_absmax.data_ptr() if nested else 0, state2_code.data_ptr() if nested else 0,
+            offset.data_ptr() if nested else 0,
             0 if b is None else b.data_ptr(), y.data_ptr(),
             M, N, K, blocksize, _GEMV_DTYPE[x.dtype], _GEMV_DTYPE[weight_dtype],
             torch.cuda.current_stream(x.device).cuda_stream,
@@ -249,7 +396,14 @@ def _nf4_storage(w):
 
     Double-quantized statistics stay in their 8-bit form between forward and backward
     and are decoded in each: keeping an fp32 absmax alive would cost 4 bytes per 64
-    weights per layer, about 1/32 of a bf16 model."""
+    weights per layer, about 1/32 of a bf16 model.
+
+    A :class:`fastlora.NF4Weight` keeps the result (it was validated when built, and its
+    tensors are fixed): ``fastlora.patch`` keeps one view per layer, so a decode step
+    does not rebuild or re-check the storage of every layer."""
+    cached = getattr(w, "_lora_storage", None)
+    if cached is not None:
+        return cached
     shape = (int(w.shape[0]), int(w.shape[1]))
     if getattr(w, "nested", False):  # fastlora.NF4Weight with double quantization
         tensors = (w.packed, w.code, w.absmax, w.state2_absmax, w.state2_code, w.offset)
@@ -257,7 +411,35 @@ def _nf4_storage(w):
         tensors = (w.packed, w.code, w.absmax_f32(), None, None, None)
     # the kernels index packed and code flat (no-ops for bnb's storage)
     tensors = tuple(None if t is None else t.contiguous() for t in tensors)
-    return tensors, (shape, int(w.blocksize), w.dtype)
+    result = tensors, (shape, int(w.blocksize), w.dtype)
+    if _is_nf4weight(w):
+        w._lora_storage = result
+    return result
+
+
+def _is_nf4weight(w) -> bool:
+    nf4 = sys.modules.get("fastlora.nf4")  # loaded whenever an NF4Weight exists
+    return nf4 is not None and type(w) is nf4.NF4Weight
+
+
+def _forward(x, dense, lora_A, lora_B, bias, meta, wt):
+    """The forward of :class:`LoRALinearFunction`: (y, dropout mask or None, xa). Called
+    directly, without the autograd Function, when nothing needs a gradient (inference,
+    generation), so a decode step pays for no autograd bookkeeping."""
+    scaling, p, wmeta, fwd_backend, _ = meta
+    (N, K), blocksize, wdtype = wmeta
+    mask = None
+    if p > 0.0:
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    xd = x if mask is None else _apply_dropout(x, mask, p)
+    xa = xd.to(lora_A.dtype) @ lora_A.t()  # (M, r) in the LoRA dtype
+    if dense is not None:
+        y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
+        y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
+    else:
+        op = _nf4_linear_fwd_impl if _eager(x) else nf4_linear_fwd
+        y = op(x, *wt, N, blocksize, wdtype, xa, lora_B, scaling, bias, fwd_backend.value)
+    return y, mask, xa
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -278,20 +460,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dense, lora_A, lora_B, bias, meta, *wt):
-        scaling, p, wmeta, fwd_backend, bwd_backend = meta
-        (N, K), blocksize, wdtype = wmeta
-        mask = None
-        if p > 0.0:
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-        xd = x if mask is None else _apply_dropout(x, mask, p)
-        xa = xd.to(lora_A.dtype) @ lora_A.t()  # (M, r) in the LoRA dtype
-        if dense is not None:
-            y = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
-            y = y + ((xa @ lora_B.t()) * scaling).to(x.dtype)
-        else:
-            y = torch.ops.fastlora.nf4_linear_fwd(
-                x, *wt, N, blocksize, wdtype, xa, lora_B, scaling, bias, fwd_backend.value,
-            )
+        y, mask, xa = _forward(x, dense, lora_A, lora_B, bias, meta, wt)
         ctx.save_for_backward(x, mask, xa, dense, lora_A, lora_B, *wt)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -305,8 +474,10 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
 
         g = dy.to(lora_B.dtype)  # (M, N): PEFT's LoRA branch runs in its own dtype
-        dB = (g.t() @ xa) * scaling if need_B else None  # (N, r)
-        dxa = (g @ lora_B) * scaling if (need_A or need_x) else None  # (M, r)
+        # the products with the scaling folded in (one BLAS call each, alpha = scaling)
+        zero = g.new_zeros(())
+        dB = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling) if need_B else None  # (N, r)
+        dxa = torch.addmm(zero, g, lora_B, beta=0, alpha=scaling) if (need_A or need_x) else None  # (M, r)
         dA = None
         if need_A:
             xd = x if mask is None else _apply_dropout(x, mask, p)
@@ -320,10 +491,9 @@ class LoRALinearFunction(torch.autograd.Function):
             if dense is not None:
                 dx = dy @ dense
             else:
-                dx = torch.ops.fastlora.nf4_linear_bwd_input(
-                    dy, *wt, K, blocksize, wdtype,
-                    dxa if fused else None, lora_A if fused else None, bwd_backend.value,
-                )
+                op = _nf4_linear_bwd_input_impl if _eager(dy) else nf4_linear_bwd_input
+                dx = op(dy, *wt, K, blocksize, wdtype, dxa if fused else None, lora_A if fused else None,
+                        bwd_backend.value)
             if dense is not None and fused:
                 dx = dx + (dxa @ lora_A).to(dx.dtype)
             elif not fused:
@@ -469,8 +639,23 @@ def _gemv_missing() -> Optional[str]:
     return why
 
 
+_CHOICES: dict = {}
+
+
 def _choose_backends(device, M, dtype, backend):
-    """(forward, backward) backends for the NF4 path."""
+    """(forward, backward) backends for the NF4 path. The choice depends only on the
+    arguments below, the forced backend and what is installed, so it is made once per
+    combination (a decode step asks for it in every layer)."""
+    from ..backend import _forced
+
+    key = (device, M <= GEMV_MAX_M, dtype, backend, _forced.get())
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = _choose_backends_uncached(device, M, dtype, backend)
+    return hit
+
+
+def _choose_backends_uncached(device, M, dtype, backend):
     if device.type == "cuda":
         gpu_ok = dtype in _TRITON_DTYPES
         if not gpu_ok and Backend.parse(backend) in (None, Backend.AUTO):
@@ -556,9 +741,15 @@ def lora_linear(
             )
     else:
         wt, wmeta = _nf4_storage(weight)
-        _check_nf4(wmeta, wt, x)
+        if not _is_nf4weight(weight):  # an NF4Weight checked all of this when it was built
+            _check_nf4(wmeta, wt, x)
         dense = None
         fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
     meta = (float(scaling), float(dropout), wmeta, fwd_b, bwd_b)
-    y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
+    if torch.is_grad_enabled() and (
+        x2d.requires_grad or lora_A.requires_grad or lora_B.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
+    else:
+        y = _forward(x2d, dense, lora_A, lora_B, bias, meta, wt)[0]
     return y.reshape(*lead, N)  # (..., N)

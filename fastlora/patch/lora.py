@@ -156,6 +156,24 @@ def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor) -> torch.dtype:
     return base.weight.dtype
 
 
+def _nf4_view(module: nn.Module, param, nf4_cls, qs=None):
+    """The layer's NF4Weight view, built once and rebuilt when the weight changes.
+
+    A decode step calls every layer once per token, so re-reading bnb's QuantState and
+    re-validating the view each call is per-token overhead. What a change replaces is
+    part of the key: PEFT's merge/unmerge and ``Params4bit`` moves install a new
+    parameter or QuantState, ``weight.data = ...`` new bytes, a re-quantization a new
+    absmax; any of them makes a new view."""
+    qs = getattr(param, "quant_state", None) if qs is None else qs
+    key = (id(param), id(qs), param.data_ptr(), None if qs is None else qs.absmax.data_ptr())
+    cached = module.__dict__.get("_fastlora_nf4_view")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    view = nf4_cls.from_bnb((param, qs))
+    module.__dict__["_fastlora_nf4_view"] = (key, view)  # a plain attribute: not state
+    return view
+
+
 def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The forward bound on a patched PEFT LoRA layer."""
     st = _bind.state(self)
@@ -186,8 +204,8 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     if kind == KIND_NF4:
         from ..nf4 import NF4Weight
 
-        # a view, re-read each call: merges replace it; under FSDP the gathered bytes + the module's state
-        weight = NF4Weight.from_bnb((base.weight, quant_state(base)))
+        # under FSDP: the all-gathered bytes with the QuantState bitsandbytes keeps on the module
+        weight = _nf4_view(self, base.weight, NF4Weight, quant_state(base))
     else:
         weight = base.weight.to(cd)
         if weight.requires_grad:  # lora_linear treats W as frozen; PEFT freezes it

@@ -10,6 +10,7 @@
 # numpy/packaging, already there). pybind11 is fetched only with --with-pybind11 (the
 # build needs it; the image this project uses has it). --dry-run resolves and lists the
 # files without downloading anything. Pinned versions: change them here, in one place.
+# The bitsandbytes wheel is trimmed to its CUDA 13.0 and CPU libraries (~43 -> ~5 MB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -53,6 +54,30 @@ for spec in "${PKGS[@]}"; do
   rm -f .whl/"${name//-/_}"-*.whl .whl/"$name"-*.whl
 done
 "$PY" -m pip download --no-deps -d .whl "${PLAT[@]}" "${PKGS[@]}"
+# bitsandbytes ships one library per CUDA/ROCm/XPU version (~43 MB zipped); the host runs
+# CUDA 13.0 (torch 2.11+cu130): keep libbitsandbytes_cuda130 and the CPU library only,
+# and drop the others' lines from RECORD so pip installs the trimmed wheel cleanly.
+for whl in .whl/bitsandbytes-*.whl; do
+  [ -e "$whl" ] || continue
+  "$PY" - "$whl" <<'PYEOF'
+import os, re, sys, zipfile
+src = sys.argv[1]
+keep = re.compile(r"bitsandbytes/libbitsandbytes_(cuda130|cpu)\.so$")
+drop = lambda n: n.startswith("bitsandbytes/libbitsandbytes_") and n.endswith(".so") and not keep.search(n)
+tmp = src + ".tmp"
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if drop(item.filename):
+            continue
+        data = zin.read(item.filename)
+        if item.filename.endswith(".dist-info/RECORD"):
+            lines = data.decode().splitlines()
+            data = ("\n".join(l for l in lines if not drop(l.split(",")[0])) + "\n").encode()
+        zout.writestr(item, data)
+os.replace(tmp, src)
+print(f"trimmed {src}: {os.path.getsize(src) / 2**20:.1f} MiB")
+PYEOF
+done
 ls -l .whl
 size=$(du -sm .whl | cut -f1)
 echo "prepare_wheels.sh: .whl/ holds ${size} MiB"

@@ -567,3 +567,35 @@ def test_imports_stay_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_nf4_view_is_built_once_and_rebuilt_when_the_weight_changes():
+    """The patched layer keeps one NF4Weight view per layer (per-token overhead in
+    decode), and any change PEFT or bitsandbytes makes to the weight gives a new one."""
+    import types
+
+    from fastlora.patch.lora import _nf4_view
+
+    calls = []
+
+    class FakeNF4:
+        @staticmethod
+        def from_bnb(param):
+            calls.append(param)
+            return object()
+
+    module = torch.nn.Module()
+    param = torch.zeros(8, dtype=torch.uint8)
+    param.quant_state = types.SimpleNamespace(absmax=torch.zeros(2))
+    v1 = _nf4_view(module, param, FakeNF4)
+    assert _nf4_view(module, param, FakeNF4) is v1 and len(calls) == 1
+    param.quant_state = types.SimpleNamespace(absmax=torch.zeros(2))  # a new QuantState
+    v2 = _nf4_view(module, param, FakeNF4)
+    assert v2 is not v1 and len(calls) == 2
+    param.data = torch.zeros(8, dtype=torch.uint8)  # new bytes
+    v3 = _nf4_view(module, param, FakeNF4)
+    assert v3 is not v2 and len(calls) == 3
+    other = torch.zeros(8, dtype=torch.uint8)  # a new parameter (merge, move)
+    other.quant_state = param.quant_state
+    assert _nf4_view(module, other, FakeNF4) is not v3 and len(calls) == 4
+    assert "_fastlora_nf4_view" not in module.state_dict()
