@@ -322,3 +322,23 @@ def full_trainable_state(model) -> dict:
             t = p.detach()
             out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
     return out
+
+
+def global_mean_var(x, mask=None) -> tuple[float, float]:
+    """Mean and population variance of ``x``'s valid elements over ALL ranks (float64,
+    two passes: the mean first, then the squared deviations, no E[x²]-E[x]² cancellation).
+
+    For PPO's advantage whitening over the global batch: each rank holds its own rollouts;
+    ``(x - mean) / sqrt(var + eps)`` with these moments is what one process holding every
+    rank's rollouts would compute. ``mask``: 0/1 or bool, same shape as ``x`` (None = all)."""
+    v = x.detach().double()
+    if mask is not None:
+        if mask.shape != x.shape:
+            raise ValueError(f"global_mean_var: mask shape {tuple(mask.shape)} != x shape {tuple(x.shape)}")
+        v = v[mask.bool()]
+    total, n = all_sum([float(v.sum()), v.numel()])
+    if n == 0:
+        raise ValueError("global_mean_var: no valid element on any rank")
+    mean = total / n
+    (sq,) = all_sum([float(((v - mean) ** 2).sum())])
+    return mean, sq / n

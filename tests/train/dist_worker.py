@@ -10,6 +10,8 @@ SPEC is a list of scenarios run in order in the same process group:
 * ``{"step": dir, "out": file}``: one forward/backward of :func:`qlora_step` on the tiny
   untied Llama in ``dir``, sharded with FSDP2 (lm_head its own unit); rank 0 saves the loss
   and the gathered LoRA gradients to ``out``;
+* ``{"moments": file}``: ``distributed.global_mean_var`` of :func:`moments_data`, rank 0
+  holding its first 4 rows and rank 1 the other 3 (unequal shares); rank 0 saves the result;
 * ``{"cli": [...], "cli_rank": {"1": [...]}}``: ``fastlora.cli.main`` with these
   arguments (rank 1 may get others, e.g. a bad data file); the process exits with its code.
 """
@@ -57,6 +59,17 @@ def qlora_step(model_dir: str, *, fsdp: bool) -> dict:
     return {"loss": loss, "grads": grads}
 
 
+def moments_data():
+    """(x, mask): 7 rows of odd length with a ragged mask, values far from 0 (a cancelling
+    E[x²] - E[x]² would lose digits)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3 + 100
+    mask = torch.rand(7, 5, generator=g) > 0.3
+    return x, mask
+
+
 def main(spec_path: str) -> int:
     import warnings
 
@@ -92,6 +105,13 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
     from fastlora.train import SFTConfig, distributed, sft
 
     distributed.setup(local_rank=int(os.environ["LOCAL_RANK"]))
+    if "moments" in sc:
+        x, mask = moments_data()
+        rows = slice(0, 4) if rank == 0 else slice(4, 7)
+        res = distributed.global_mean_var(x[rows], mask[rows])
+        if rank == 0:
+            torch.save(res, sc["moments"])
+        return None
     if "step" in sc:
         res = qlora_step(sc["step"], fsdp=True)
         if rank == 0:

@@ -92,6 +92,7 @@ def test_ddp_equals_one_process_and_resume_after_kill(tiny_model_dir, tmp_path):
         {"cfg": _cfg(tiny_model_dir, data, tmp_path / "ddp")},
         {"cfg": _cfg(tiny_model_dir, data, tmp_path / "fsdp", parallel="fsdp")},
         {"step": str(untied), "out": str(tmp_path / "fsdp_step.pt")},
+        {"moments": str(tmp_path / "moments.pt")},
         {"cfg": _cfg(tiny_model_dir, data, straight, **resume_kw)},
         {"cfg": _cfg(tiny_model_dir, data, killed, **resume_kw), "die_at": 3, "die_rank": 1},
     ])
@@ -132,6 +133,14 @@ def test_ddp_equals_one_process_and_resume_after_kill(tiny_model_dir, tmp_path):
     for k, g in whole["grads"].items():
         assert float(g.abs().max()) > 0, k
         assert_close(sharded["grads"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+    # --- PPO's whitening moments over the global batch (ranks holding 4 and 3 rows)
+    from tests.train.dist_worker import moments_data
+
+    x, mask = moments_data()
+    mean, var = torch.load(tmp_path / "moments.pt")
+    assert mean == pytest.approx(float(x[mask].mean()), rel=1e-12)
+    assert var == pytest.approx(float(x[mask].var(unbiased=False)), rel=1e-9)
 
     # --- killed after step 3 (last checkpoint: step 2), resumed on 2 ranks == straight
     assert not (killed / "summary.json").exists()

@@ -42,3 +42,20 @@ def test_resume_on_another_world_size_is_refused(tmp_path):
     run.write_text(json.dumps({"world_size": 1}))
     dist.check_resume_world_size(run)
     dist.check_resume_world_size(tmp_path / "absent.json")  # an older run without the file: nothing to check
+
+
+def test_global_mean_var_is_the_masked_population_moments_in_one_process():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, generator=g) * 2 + 50
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    mean, var = dist.global_mean_var(x, mask)
+    ref = x.double()[mask]
+    assert mean == pytest.approx(float(ref.mean()), rel=1e-12)
+    assert var == pytest.approx(float(ref.var(unbiased=False)), rel=1e-10)
+    assert dist.global_mean_var(x) == pytest.approx((float(x.double().mean()), float(x.double().var(unbiased=False))))
+    with pytest.raises(ValueError, match="no valid element"):
+        dist.global_mean_var(x, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="mask shape"):
+        dist.global_mean_var(x, mask[:, :3])
