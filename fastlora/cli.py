@@ -13,8 +13,10 @@ and a one-line message, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import typing
 from typing import Sequence
@@ -68,6 +70,7 @@ _HELP = {
                "--resume=auto starts the run if there is none; a finished run is left untouched (default: off)"),
     "log_every": "log the training metrics every N optimizer steps",
     "progress": "progress bars at a terminal (--no-progress: none; plain lines are printed in any case)",
+    "parallel": "under torchrun/accelerate launch: ddp (every process holds the 4-bit base) or fsdp (FSDP2 shards it)",
 }
 
 
@@ -185,8 +188,25 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sft(cfg)
+    with _launched_by_torchrun():
+        sft(cfg)
     return 0
+
+
+@contextlib.contextmanager
+def _launched_by_torchrun():
+    """Join the process group when torchrun / accelerate launch started this process (they
+    set WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); leave it at the end."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from .train import distributed
+
+    distributed.setup(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        yield
+    finally:
+        distributed.teardown()
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -233,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train.checkpoint import describe_os_error
 
         return _fail(args.command, describe_os_error(e), 1, debug)
+    except RuntimeError as e:
+        # Another rank's bad input (fastlora.train.distributed.RankError): stop with its message.
+        loaded = sys.modules.get("fastlora.train.distributed")
+        if loaded is None or not isinstance(e, loaded.RankError):
+            raise
+        return _fail(args.command, str(e), 2, debug)
     except KeyboardInterrupt:
         print(f"fastlora {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ so a deep-copied patched model keeps calling its own originals.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 from typing import Any, Callable
 
@@ -72,3 +73,14 @@ def restore(module: torch.nn.Module) -> bool:
     else:
         module.__dict__.pop(st.attr, None)
     return True
+
+
+def module_type(module: torch.nn.Module) -> type:
+    """The module's class as its author wrote it. FSDP2's ``fully_shard`` swaps an instance's
+    class for a generated ``FSDP<Class>(FSDPModule, Class)``; handlers that match exact types
+    must see ``Class`` through it."""
+    cls = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        return next(b for b in cls.__bases__ if b is not fsdp.FSDPModule)
+    return cls

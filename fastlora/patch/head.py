@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import types
 
 import torch
 from torch import nn
@@ -74,10 +75,10 @@ def head_weights(lm: nn.Module, training: bool) -> tuple[torch.Tensor | None, to
     head = _unwrap_modules_to_save(lm.get_output_embeddings())
     if head is None:
         return None, None, "the model has no output embeddings"
-    if type(head) is nn.Linear:
+    if _bind.module_type(head) is nn.Linear:  # also when fully_shard made it an FSDPLinear
         return head.weight, head.bias, None
     if is_lora_layer(head):
-        if type(head) not in _peft_lora_types() or type(head.get_base_layer()) is not nn.Linear:
+        if _bind.module_type(head) not in _peft_lora_types() or _bind.module_type(head.get_base_layer()) is not nn.Linear:
             return None, None, f"lm_head is {type(head).__name__} over {type(head.get_base_layer()).__name__}"
         if getattr(head, "fan_in_fan_out", False):
             return None, None, "lm_head LoRA has fan_in_fan_out=True"
@@ -256,7 +257,11 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
                   "loss needs the original forward, which materializes the logits")
         return st.original(*args, **kwargs)
     why = _loss_reason(self)
-    w, b, why2 = head_weights(self, training=True) if why is None else (None, None, why)
+    sharded = _fsdp_head(self)
+    if sharded is None:
+        w, b, why2 = head_weights(self, training=True) if why is None else (None, None, why)
+    else:  # its weight is a shard until its own forward gathers it: read it only in there
+        w, b, why2 = None, None, why
     if why2 is not None:
         warn_once(f"head-runtime:{why2}", f"fastlora: the causal-LM loss runs unfused: {why2}")
         return st.original(*args, **kwargs)
@@ -267,7 +272,12 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     out, hidden = _call_decoder(self, spec, arguments)
-    loss = causal_lm_loss(hidden, w, b, labels, spec, **arguments)
+    if sharded is None:
+        loss = causal_lm_loss(hidden, w, b, labels, spec, **arguments)
+    else:
+        loss = _sharded_head_loss(self, sharded, hidden, labels, spec, arguments)
+        if loss is None:  # the gathered head turned out not fusable: the original forward, once more
+            return st.original(*args, **kwargs)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -279,6 +289,48 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
         attentions=getattr(out, "attentions", None),
     )
     return result if return_dict is not False else result.to_tuple()
+
+
+_FSDP_LOSS = "_fastlora_head_loss"
+
+
+def _fsdp_head(lm: nn.Module) -> nn.Module | None:
+    """The output embedding when it is its own FSDP2 unit (``fully_shard(lm_head)``), else None.
+
+    Then, outside the head's own forward, ``lm_head.weight`` is the local shard (a DTensor):
+    reading it by attribute, as a fused loss naturally would, gives a wrong or failing loss
+    (the bug Liger-Kernel hit). Inside the root unit's forward, an unsharded-with-the-root
+    head is already gathered and needs nothing."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    head = lm.get_output_embeddings()
+    if fsdp is None or head is None or not isinstance(head, fsdp.FSDPModule):
+        return None
+    return head
+
+
+def _run_in_head(head: nn.Module, hidden: torch.Tensor, fn):
+    # hidden goes through FSDP's pre-forward, which hooks the head's gradient reduction on it
+    return fn(hidden)
+
+
+def _sharded_head_loss(lm, head, hidden, labels, spec, arguments):
+    """The loss computed inside the head's FSDP forward hooks: the head's method
+    ``_fastlora_head_loss`` is registered with ``register_fsdp_forward_method``, so FSDP
+    all-gathers the weight before it, frees it after, and gathers it again for backward."""
+    if _FSDP_LOSS not in head.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        head.__dict__[_FSDP_LOSS] = types.MethodType(_run_in_head, head)
+        register_fsdp_forward_method(head, _FSDP_LOSS)
+
+    def loss(hidden):
+        w, b, why = head_weights(lm, training=True)
+        if why is not None:
+            warn_once(f"head-runtime:{why}", f"fastlora: the causal-LM loss runs unfused: {why}")
+            return None
+        return causal_lm_loss(hidden, w, b, labels, spec, **arguments)
+
+    return getattr(head, _FSDP_LOSS)(hidden, loss)
 
 
 def causal_lm_loss(

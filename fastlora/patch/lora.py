@@ -83,19 +83,27 @@ def protect_bnb_weights(model: nn.Module) -> int:
     return n
 
 
+def quant_state(base: nn.Module):
+    """The QuantState of a bnb 4-bit layer: on its weight, or, once FSDP has replaced the
+    weight by a plain (sharded or all-gathered) parameter, the copy bitsandbytes keeps on
+    the module for exactly that case."""
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None)
+
+
 def base_kind(base: nn.Module) -> tuple[str | None, str | None]:
     """(kind, None) for a base layer we can fuse, else (None, reason)."""
     linear4bit = _bnb_linear4bit_type()
     if linear4bit is not None and isinstance(base, linear4bit):
         if type(base) is not linear4bit:
             return None, f"base layer is {type(base).__name__}, a subclass of bnb Linear4bit"
-        qs = getattr(base.weight, "quant_state", None)
+        qs = quant_state(base)
         qtype = getattr(qs, "quant_type", getattr(base.weight, "quant_type", None))
         if qtype != "nf4":
             return None, f"bnb 4-bit quant_type {qtype!r} (only nf4 is fused)"
         if qs is None:
             return None, "bnb weight is not quantized yet (no quant_state; move it to a device first)"
-        if is_packed_for_cpu(base.weight):
+        if getattr(qs, "packing_format_for_cpu", False):
             return None, (
                 "bnb already repacked this weight for CPU inference "
                 "(quant_state.packing_format_for_cpu); its bytes are no longer NF4. "
@@ -148,7 +156,7 @@ def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor) -> torch.dtype:
     return base.weight.dtype
 
 
-def _nf4_view(module: nn.Module, param, nf4_cls):
+def _nf4_view(module: nn.Module, param, nf4_cls, qs=None):
     """The layer's NF4Weight view, built once and rebuilt when the weight changes.
 
     A decode step calls every layer once per token, so re-reading bnb's QuantState and
@@ -156,12 +164,12 @@ def _nf4_view(module: nn.Module, param, nf4_cls):
     part of the key: PEFT's merge/unmerge and ``Params4bit`` moves install a new
     parameter or QuantState, ``weight.data = ...`` new bytes, a re-quantization a new
     absmax; any of them makes a new view."""
-    qs = getattr(param, "quant_state", None)
+    qs = getattr(param, "quant_state", None) if qs is None else qs
     key = (id(param), id(qs), param.data_ptr(), None if qs is None else qs.absmax.data_ptr())
     cached = module.__dict__.get("_fastlora_nf4_view")
     if cached is not None and cached[0] == key:
         return cached[1]
-    view = nf4_cls.from_bnb(param)
+    view = nf4_cls.from_bnb((param, qs))
     module.__dict__["_fastlora_nf4_view"] = (key, view)  # a plain attribute: not state
     return view
 
@@ -196,7 +204,8 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     if kind == KIND_NF4:
         from ..nf4 import NF4Weight
 
-        weight = _nf4_view(self, base.weight, NF4Weight)
+        # under FSDP: the all-gathered bytes with the QuantState bitsandbytes keeps on the module
+        weight = _nf4_view(self, base.weight, NF4Weight, quant_state(base))
     else:
         weight = base.weight.to(cd)
         if weight.requires_grad:  # lora_linear treats W as frozen; PEFT freezes it

@@ -617,6 +617,8 @@ def _load_optimizer(optimizer, saved: dict) -> None:
     optimizer.load_state_dict(saved)
 
 
-def save_adapter(model, target: str | os.PathLike) -> Path:
-    """PEFT-format adapter (adapter_model.safetensors + adapter_config.json), written atomically."""
-    return write_dir_atomic(target, lambda tmp: model.save_pretrained(tmp))
+def save_adapter(model, target: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """PEFT-format adapter (adapter_model.safetensors + adapter_config.json), written atomically.
+    ``state_dict``: the model's (trainable) tensors when the model's own are shards (FSDP)."""
+    kw = {} if state_dict is None else {"state_dict": state_dict}
+    return write_dir_atomic(target, lambda tmp: model.save_pretrained(tmp, **kw))

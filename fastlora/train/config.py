@@ -29,6 +29,7 @@ EMBEDDED_TASK = {"lr": 5e-4, "general_mix": 0.2, "max_steps": 60}
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVAL_METRICS = ("auto", "loss", "accuracy")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class SFTConfig:
     epochs: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
+    # under torchrun: ddp = every rank holds the 4-bit base; fsdp = FSDP2 shards base and adapters
+    parallel: str = "ddp"
 
     # --- evaluation ---
     eval_every: int = 0  # steps; 0 = only at the end
@@ -105,6 +108,7 @@ class SFTConfig:
         self._check_choice("optimizer", OPTIMIZERS)
         self._check_choice("dtype", DTYPES)
         self._check_choice("eval_metric", EVAL_METRICS)
+        self._check_choice("parallel", PARALLEL)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens",
                      "log_every"):
             if getattr(self, name) < 1:

@@ -44,10 +44,12 @@ def is_terminal(stream: TextIO | None) -> bool:
 class Console:
     """Messages and progress of one run. ``progress``: bars at a terminal (plain lines elsewhere)."""
 
-    def __init__(self, progress: bool = True, *, stream: TextIO | None = None, bar_stream: TextIO | None = None):
+    def __init__(self, progress: bool = True, *, stream: TextIO | None = None, bar_stream: TextIO | None = None,
+                 enabled: bool = True):
         self._stream = stream
         self._bar_stream = bar_stream
-        self.bars = bool(progress) and is_terminal(self.bar_stream)
+        self.enabled = enabled  # False on the non-main ranks of a distributed run: they print nothing
+        self.bars = enabled and bool(progress) and is_terminal(self.bar_stream)
         self._bar = None
 
     @property
@@ -59,6 +61,8 @@ class Console:
         return self._bar_stream if self._bar_stream is not None else sys.stderr
 
     def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.write(msg, file=self.stream)
         else:

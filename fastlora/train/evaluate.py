@@ -50,6 +50,15 @@ def eval_loss(model, examples: Sequence[dict], *, pad_token_id: int, batch_size:
     """Token-weighted mean cross-entropy of the trained tokens of ``examples``."""
     if not examples:
         raise ValueError("eval_loss: no examples")
+    total, count = eval_loss_sums(model, examples, pad_token_id=pad_token_id, batch_size=batch_size)
+    if count == 0:
+        raise ValueError("eval_loss: no trained token in the examples")
+    return total / count
+
+
+def eval_loss_sums(model, examples: Sequence[dict], *, pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """(summed cross-entropy, trained tokens) of ``examples``: the parts of :func:`eval_loss`
+    that add up across shards (``(0.0, 0)`` for none)."""
     device = model_device(model)
     total, count = 0.0, 0
     # Longest first keeps padding low; the result does not depend on the order.
@@ -64,9 +73,7 @@ def eval_loss(model, examples: Sequence[dict], *, pad_token_id: int, batch_size:
             out = model(**batch, use_cache=False)
             total += float(out.loss) * n
             count += n
-    if count == 0:
-        raise ValueError("eval_loss: no trained token in the examples")
-    return total / count
+    return total, count
 
 
 # ------------------------------------------------------------------ generation

@@ -119,7 +119,9 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def bnb_config(compute_dtype: torch.dtype):
+def bnb_config(compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
+    """NF4 + double quantization. ``quant_storage``: the element type holding the packed
+    4-bit bytes; FSDP needs it equal to the other parameters' dtype to shard them together."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -127,16 +129,18 @@ def bnb_config(compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
-def load_base(path: str | os.PathLike, *, load_in_4bit: bool, dtype: torch.dtype, device: torch.device):
+def load_base(path: str | os.PathLike, *, load_in_4bit: bool, dtype: torch.dtype, device: torch.device,
+              quant_storage: torch.dtype = torch.uint8):
     """The frozen base model, NF4 + double quant when ``load_in_4bit``, protected from bnb's CPU repack."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(dtype)
+        kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
         if device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

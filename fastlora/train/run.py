@@ -288,7 +288,8 @@ def preflight(output_dir: str | os.PathLike, *, need_bytes: int = 0, why: str = 
 
 # ------------------------------------------------------------- saving at the end
 def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
-                       emergency: Callable[[Path], Path] | None = None, name: str = "adapter") -> Path:
+                       emergency: Callable[[Path], Path] | None = None, name: str = "adapter",
+                       state_dict: dict | None = None) -> Path:
     """Write ``output_dir/<name>`` atomically. If the environment refuses (full disk, read-only,
     permission), the trained weights are not lost: ``emergency(checkpoints_root)`` (a trainer's
     ``save_checkpoint(..., root=root, keep=0)``) writes an emergency checkpoint into the run's
@@ -298,7 +299,7 @@ def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
     out = Path(output_dir)
     target = out / name
     try:
-        return ckpt.save_adapter(model, target)
+        return ckpt.save_adapter(model, target, state_dict=state_dict)
     except Exception as e:
         err = environment_error(e, target)
         if err is None:
@@ -314,7 +315,7 @@ def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
                 if root != out / CHECKPOINTS:
                     _write_rescue_marker(out, root)
             else:
-                saved = ckpt.save_adapter(model, root / name)
+                saved = ckpt.save_adapter(model, root / name, state_dict=state_dict)
         except Exception as e2:
             e2env = environment_error(e2, root)
             if e2env is None:
@@ -365,12 +366,15 @@ def finish(output_dir: str | os.PathLike, *, log=None) -> None:
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl``; a full disk costs log lines (warned once), never the run."""
 
-    def __init__(self, path: str | os.PathLike, *, log=None):
+    def __init__(self, path: str | os.PathLike, *, log=None, enabled: bool = True):
         self.path = Path(path)
         self.log = log
         self.failed = False
+        self.enabled = enabled  # False on the non-main ranks of a distributed run
 
     def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
         try:
             ckpt.append_jsonl(self.path, rec)
         except OSError as e:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import evaluate as ev
 from . import run as lifecycle
 from .config import SFTConfig
@@ -116,22 +117,29 @@ def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
 def accumulate_gradients(model, batches: list[dict], device: torch.device) -> tuple[float, int, int]:
     """Forward/backward the micro-batches of one optimizer step, accumulating into .grad.
 
-    Each micro-batch's mean loss (over its own n_i trained tokens) is scaled by n_i / N,
-    N = trained tokens of ALL the micro-batches, so the accumulated gradient is that of
-    (sum of token losses) / N: exactly the full batch's. Returns (summed token loss, N,
-    input tokens processed)."""
+    Every micro-batch's loss is its summed token loss / N, N = trained tokens of ALL the
+    micro-batches of the step on ALL ranks (``num_items_in_batch``, transformers' own
+    argument), so the accumulated gradient is that of (sum of token losses) / N: exactly
+    the one of a single process holding the whole global batch. Under DDP the loss is
+    multiplied by the world size because DDP averages the ranks' gradients; micro-batches
+    before the last run under ``no_sync`` (one gradient all-reduce per step). Returns
+    (summed token loss of this rank, N, input tokens processed by this rank)."""
     counts = [ev.trained_tokens(b["labels"]) for b in batches]
-    n_total = sum(counts)
+    n_total = int(dist.all_sum([sum(counts)], device)[0])
+    world = dist.world_size()
     loss_sum, tokens = 0.0, 0
-    for b, n in zip(batches, counts):
+    for i, (b, n) in enumerate(zip(batches, counts)):
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-        if n == 0:
-            continue  # nothing to train: skipping avoids the 0/0 NaN of a fully masked batch
+        last = i == len(batches) - 1
+        if n == 0 and world == 1:
+            continue  # nothing to train. With ranks, all run every micro-batch: DDP syncs, FSDP gathers in them
         b = {k: v.to(device) for k, v in b.items()}
-        # use_cache=False: with a cache transformers ignores packed position_ids' boundaries.
-        out = model(**b, use_cache=False)
-        (out.loss * (n / n_total)).backward()
-        loss_sum += float(out.loss.detach()) * n
+        with dist.grad_sync(model, last):
+            # use_cache=False: with a cache transformers ignores packed position_ids' boundaries.
+            # num_items_in_batch: a sum over this batch's tokens / N (0, not 0/0, when n = 0).
+            out = model(**b, use_cache=False, num_items_in_batch=max(n_total, 1))
+            (out.loss * world).backward()
+        loss_sum += float(out.loss.detach()) * n_total
     return loss_sum, n_total, tokens
 
 
@@ -155,28 +163,34 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     else:
         cfg = SFTConfig.from_dict({**config.to_dict(), **overrides}, source="sft()") if overrides else config
     cfg = cfg.resolved()
-    log = Console(cfg.progress)
+    main = dist.is_main()  # only the main rank logs and writes; every rank trains
+    log = Console(cfg.progress, enabled=main)
     with quiet_third_party(bars=log.bars):
         try:
-            return _sft(cfg, log, on_step)
+            return _sft(cfg, log, on_step, main)
         except lifecycle.RunFinished as done:
             log(str(done))
             return done.summary
 
 
-def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
+def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
 
     # ---- checks that write nothing: output dir, data files, model path, free space
-    resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
-    if resume_from is not None:
-        ckpt.check_resume_config(out, cfg.to_dict())
-    data = load_data(cfg)
+    def check_inputs():
+        found = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
+        if found is not None:
+            ckpt.check_resume_config(out, cfg.to_dict())
+            dist.check_resume_world_size(out / ckpt.RUN_FILE)
+        return found, load_data(cfg)
+
+    # Under torchrun a rank that cannot read its inputs ends every rank with its error.
+    resume_from, data = dist.agree(check_inputs, "checking the output dir and reading the data")
     from .model import (add_lora, apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
                         resolve_model_path)
 
-    device = resolve_device(cfg.device)
+    device = dist.local_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = resolve_model_path(cfg.model, cfg.cache_dir)
     need, why = lifecycle.estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
@@ -216,41 +230,63 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     if (cfg.eval_every or cfg.early_stopping_patience) and not eval_ex:
         raise ValueError("eval_every / early_stopping_patience need eval data: set eval_data or eval_split > 0")
 
-    micro_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    world = dist.world_size()
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    if fsdp and (cfg.save_every or resume_from is not None):
+        raise ValueError("checkpoints (save_every, resume) with parallel='fsdp' are not supported yet (sharded "
+                         "optimizer state); use parallel='ddp' to checkpoint and resume")
+    # batch_size is per rank: a step's global batch holds batch_size * world rows (see distributed.py).
+    micro_per_epoch = math.ceil(len(rows) / (cfg.batch_size * world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     # ---- model
-    base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
+    # FSDP: load (and quantize) in host memory; fully_shard then moves one unit at a time to
+    # the device and keeps only its shard there, so the whole model never sits on one GPU.
+    base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
+                     device=torch.device("cpu") if fsdp else device, quant_storage=dtype if fsdp else torch.uint8)
     model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     patch_report = apply_patch(model, cfg.patch)
     if patch_report:
         log(patch_report["text"])
+    # the model itself in a single process; FSDP2 shards it in place
+    train_model = dist.wrap_fsdp(model) if fsdp else dist.wrap_ddp(model, device)
+    shard_eval = not fsdp  # FSDP's ranks must run the same forwards: each evaluates everything
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
 
     # ---- the output dir is created only now that every input checked out
     if resume_from is None:
-        ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path), device=str(device),
-                                                     dtype=str(dtype), total_steps=total_steps,
-                                                     patch_report=patch_report))
-    else:
+        with dist.main_writes() as writer:
+            if writer:
+                ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path),
+                                                             device=str(device), dtype=str(dtype),
+                                                             total_steps=total_steps, patch_report=patch_report,
+                                                             world_size=world))
+    elif main:
         ckpt.clean_stale(out)
     metrics_path = out / "metrics.jsonl"
-    metrics = lifecycle.MetricsWriter(metrics_path, log=log)
+    metrics = lifecycle.MetricsWriter(metrics_path, log=log, enabled=main)
 
     state: dict[str, Any] = {"micro": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "bad_evals": 0,
                              "before": {}, "history": []}
     step = 0
     stopped_early = False
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        # Every rank reads the checkpoint rank 0 wrote (the output dir must be shared).
+        state.update(dist.agree(lambda: ckpt.load_checkpoint(resume_from, model, optimizer, scheduler),
+                                f"loading {resume_from}"))
         step = state.pop("step")
         stopped_early = bool(state.pop("stopped_early", False))  # set in emergency checkpoints
+        per_rank = state.pop("rng_per_rank", None)
+        if per_rank is not None:
+            ckpt.set_rng_state(per_rank[dist.rank()])
         # Drop what the interrupted run logged after its last checkpoint: those steps run again.
         kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
-        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
+        with dist.main_writes() as writer:
+            if writer:
+                ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
 
     # ---- before training
@@ -261,8 +297,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             log(f"evaluating before training: {len(test_items)} test examples"
                 + (", general QA and perplexity" if cfg.measure_forgetting else ""))
         if test_items:
-            acc, _ = ev.task_accuracy(model, tokenizer, test_items, parse=data["parse"],
-                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+            acc, _ = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
             before["accuracy"] = acc
             log(f"test accuracy before training: {acc:.1%} ({len(test_items)} examples)")
         if cfg.measure_forgetting:
@@ -284,13 +319,16 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             batches = []
             for _ in range(cfg.grad_accum):
                 epoch, pos = divmod(state["micro"], micro_per_epoch)
-                idx = batch_order(len(rows), cfg.batch_size, seed=cfg.seed, epoch=epoch)[pos]
-                batches.append(collate([rows[i] for i in idx], pad_id))
+                idx = batch_order(len(rows), cfg.batch_size * world, seed=cfg.seed, epoch=epoch)[pos]
+                batches.append(_rank_batch(rows, idx, cfg.batch_size, pad_id))
                 state["micro"] += 1
-            loss_sum, n_total, tokens = accumulate_gradients(model, batches, device)
+            loss_sum, n_total, tokens = accumulate_gradients(train_model, batches, device)
+            loss_sum, tokens = dist.all_sum([loss_sum, tokens], device)
+            tokens = int(tokens)
             grad_norm = None
             if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -310,7 +348,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             bar.update(step, rec)
 
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                erec = _evaluate(model, tokenizer, eval_ex, eval_items, data["parse"], cfg, metric, step)
+                erec = _evaluate(model, tokenizer, eval_ex, eval_items, data["parse"], cfg, metric, step, shard_eval)
                 metrics.write(erec)
                 log(_fmt_eval(erec))
                 value = erec[metric]
@@ -326,10 +364,17 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
                             f"(best {state['best']:.4g})")
                         stopped_early = True
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, state,
-                                                                      keep=cfg.keep_checkpoints), log=log)
+                if world > 1:  # each rank's dropout stream, so that a resumed run draws what it would have
+                    state["rng_per_rank"] = dist.all_gather_object(ckpt.rng_state())
+                with dist.main_writes() as writer:
+                    if writer:
+                        lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, model, optimizer, scheduler,
+                                                                              state, keep=cfg.keep_checkpoints),
+                                                 log=log)
             if on_step is not None and on_step(step, rec):
                 stopped_early = True
+            if world > 1:  # a rank that stops alone would leave the others waiting in the next all-reduce
+                stopped_early = dist.all_sum([stopped_early], device)[0] > 0
             if stopped_early:
                 break
     except KeyboardInterrupt:
@@ -349,19 +394,21 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
 
     # ---- after training: the adapter first, with an emergency checkpoint if it cannot be written
     final_state = {**state, "stopped_early": stopped_early}
-    adapter_dir = lifecycle.save_final_adapter(
-        model, out, log=log,
-        emergency=lambda root: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, final_state, keep=0,
-                                                    root=root))
+    full = dist.full_trainable_state(model) if fsdp else None  # gathered on every rank, saved by rank 0
+    adapter_dir = out / "adapter"
+    with dist.main_writes() as writer:
+        if writer:
+            adapter_dir = lifecycle.save_final_adapter(
+                model, out, log=log, state_dict=full,
+                emergency=lambda root: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, final_state,
+                                                            keep=0, root=root))
     log(f"adapter saved to {adapter_dir}; evaluating after training")
     t_eval = time.perf_counter()
-    final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step) if eval_ex else {}
+    final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step, shard_eval) if eval_ex else {}
     after: dict[str, Any] = {}
     details = None
     if test_items:
-        after["accuracy"], details = ev.task_accuracy(model, tokenizer, test_items, parse=data["parse"],
-                                                      max_new_tokens=cfg.max_new_tokens,
-                                                      batch_size=cfg.eval_batch_size)
+        after["accuracy"], details = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
     if cfg.measure_forgetting:
         after["general"] = _general(model, tokenizer, cfg)
     after["seconds"] = time.perf_counter() - t_eval
@@ -395,7 +442,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
         "total_cpu_seconds": time.process_time() - cpu_start,
         "adapter": str(adapter_dir),
         "patch_report": patch_report,
+        "world_size": world,
     }
+    if not main:
+        return summary
     metrics.write({"step": step, "event": "after", **_flat(after), **({"eval_loss": final["loss"]} if final else {})})
     if details is not None:
         ckpt.write_json_atomic(out / "test_outputs.json", details)
@@ -415,15 +465,44 @@ def _general(model, tokenizer, cfg: SFTConfig) -> dict:
     return ev.general_ability(model, tokenizer, batch_size=cfg.eval_batch_size)
 
 
-def _evaluate(model, tokenizer, eval_ex, eval_items, parse, cfg: SFTConfig, metric: str, step: int) -> dict:
+def _evaluate(model, tokenizer, eval_ex, eval_items, parse, cfg: SFTConfig, metric: str, step: int,
+              sharded: bool = True) -> dict:
     rec: dict[str, Any] = {"step": step, "event": "eval"}
     if eval_ex:
-        rec["loss"] = ev.eval_loss(model, eval_ex, pad_token_id=tokenizer.pad_token_id,
-                                   batch_size=cfg.eval_batch_size)
+        # Each rank scores its shard; the token-weighted mean is the same as one process's.
+        mine = dist.shard(eval_ex) if sharded else eval_ex
+        total, count = ev.eval_loss_sums(model, mine, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size)
+        if sharded:
+            total, count = dist.all_sum([total, count])
+        if count == 0:
+            raise ValueError("eval_loss: no trained token in the eval examples")
+        rec["loss"] = total / count
     if metric == "accuracy" and eval_items:
-        rec["accuracy"], _ = ev.task_accuracy(model, tokenizer, eval_items, parse=parse,
-                                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        rec["accuracy"], _ = _task_accuracy(model, tokenizer, eval_items, parse, cfg, sharded)
     return rec
+
+
+def _task_accuracy(model, tokenizer, items, parse, cfg: SFTConfig, sharded: bool = True) -> tuple[float, list[dict]]:
+    """``ev.task_accuracy`` with the items sharded over the ranks and the details gathered back in order."""
+    mine = dist.shard(items) if sharded else items
+    local = ev.task_accuracy(model, tokenizer, mine, parse=parse, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.eval_batch_size)[1] if mine else []
+    details = dist.gather_in_order(local, len(items)) if sharded else local
+    return sum(d["correct"] for d in details) / len(details), details
+
+
+def _rank_batch(rows: list[dict], global_idx: list[int], per_rank: int, pad_id: int) -> dict:
+    """This rank's micro-batch of a global batch. A rank left without rows (a short last
+    batch) gets one fully masked row: it trains nothing but keeps the rank in DDP's all-reduce."""
+    idx = dist.shard_indices(global_idx, per_rank)
+    if idx:
+        return collate([rows[i] for i in idx], pad_id)
+    row = rows[global_idx[0]]
+    filler = {k: list(row[k][:2]) for k in ("input_ids", "position_ids") if k in row}  # 2 tokens: cheap
+    filler["labels"] = [IGNORE_INDEX] * 2
+    if "seq_lengths" in row:
+        filler["seq_lengths"] = [2]
+    return collate([filler], pad_id)
 
 
 def _fmt_eval(rec: dict) -> str:

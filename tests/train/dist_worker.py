@@ -1,0 +1,130 @@
+"""One rank of the distributed trainer tests, started by ``torchrun`` from
+tests/train/test_distributed.py: ``python -m torch.distributed.run --standalone
+--nproc_per_node 2 -m tests.train.dist_worker SPEC.json``.
+
+SPEC is a list of scenarios run in order in the same process group:
+
+* ``{"cfg": {...}}``: ``fastlora.train.sft`` with these SFTConfig options;
+* ``{"cfg": {...}, "die_at": k, "die_rank": r}``: the same, but rank r dies (``os._exit``,
+  no cleanup, as a killed process) after optimizer step k; torchrun then ends the others;
+* ``{"step": dir, "out": file}``: one forward/backward of :func:`qlora_step` on the tiny
+  untied Llama in ``dir``, sharded with FSDP2 (lm_head its own unit); rank 0 saves the loss
+  and the gathered LoRA gradients to ``out``;
+* ``{"moments": file}``: ``distributed.global_mean_var`` of :func:`moments_data`, rank 0
+  holding its first 4 rows and rank 1 the other 3 (unequal shares); rank 0 saves the result;
+* ``{"cli": [...], "cli_rank": {"1": [...]}}``: ``fastlora.cli.main`` with these
+  arguments (rank 1 may get others, e.g. a bad data file); the process exits with its code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def qlora_step(model_dir: str, *, fsdp: bool) -> dict:
+    """Loss and LoRA gradients of one patched QLoRA forward/backward on ``tiny.batch``.
+    With ``fsdp`` each rank takes half of the batch's rows (the loss is normalized by the
+    global token count as the trainer does) and the model is sharded by
+    ``distributed.wrap_fsdp``; the gradients come back whole."""
+    import torch
+
+    import fastlora
+    from fastlora.train import distributed
+    from fastlora.train.model import load_base
+    from tests.patch import tiny
+
+    base = load_base(model_dir, load_in_4bit=True, dtype=torch.float32, device=torch.device("cpu"),
+                     quant_storage=torch.float32 if fsdp else torch.uint8)
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(base, tiny.lora_config())
+    fastlora.patch(model)
+    b = tiny.batch(0, B=4, T=12)
+    n_total = int((b["labels"][:, 1:] != -100).sum())
+    if fsdp:
+        distributed.wrap_fsdp(model)
+        r = distributed.rank()
+        b = {k: v[2 * r:2 * r + 2] for k, v in b.items()}
+    model.train()
+    out = model(**b, use_cache=False, num_items_in_batch=n_total)
+    (out.loss * distributed.world_size()).backward()
+    loss = distributed.all_sum([float(out.loss.detach())])[0]
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad
+            grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return {"loss": loss, "grads": grads}
+
+
+def moments_data():
+    """(x, mask): 7 rows of odd length with a ragged mask, values far from 0 (a cancelling
+    E[x²] - E[x]² would lose digits)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3 + 100
+    mask = torch.rand(7, 5, generator=g) > 0.3
+    return x, mask
+
+
+def main(spec_path: str) -> int:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)  # two ranks share the CI's two cores
+    scenarios = json.loads(open(spec_path).read())
+    rank = int(os.environ["RANK"])
+    # fastlora warns once when a patched module falls back to its original forward at run
+    # time (e.g. a sharded head it does not recognize): record them per rank after every
+    # scenario, the test wants none.
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for sc in scenarios:
+            code = _scenario(sc, rank, torch)
+            fallbacks = [str(w.message) for w in seen if str(w.message).startswith("fastlora:")]
+            with open(f"{spec_path}.fallbacks.{rank}.json", "w") as f:
+                json.dump(fallbacks, f)
+            if code is not None:
+                return code
+    from fastlora.train import distributed
+
+    distributed.teardown()
+    return 0
+
+
+def _scenario(sc: dict, rank: int, torch) -> int | None:
+    if "cli" in sc:
+        from fastlora.cli import main as cli_main
+
+        return cli_main(sc.get("cli_rank", {}).get(str(rank), sc["cli"]))
+    from fastlora.train import SFTConfig, distributed, sft
+
+    distributed.setup(local_rank=int(os.environ["LOCAL_RANK"]))
+    if "moments" in sc:
+        x, mask = moments_data()
+        rows = slice(0, 4) if rank == 0 else slice(4, 7)
+        res = distributed.global_mean_var(x[rows], mask[rows])
+        if rank == 0:
+            torch.save(res, sc["moments"])
+        return None
+    if "step" in sc:
+        res = qlora_step(sc["step"], fsdp=True)
+        if rank == 0:
+            torch.save(res, sc["out"])
+        return None
+
+    def die(step, metrics):
+        if step == sc.get("die_at") and rank == sc.get("die_rank"):
+            os._exit(9)
+
+    sft(SFTConfig(**sc["cfg"]), on_step=die)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
