@@ -36,7 +36,7 @@ from . import evaluate as ev
 from . import run as lifecycle
 from .config import SFTConfig
 from .console import Console, quiet_third_party
-from .data import batch_order, check_records, collate, detect_format, load_records, pack, prepare
+from .data import IGNORE_INDEX, batch_order, check_records, collate, detect_format, load_records, pack, prepare
 
 
 # ----------------------------------------------------------------------- data
