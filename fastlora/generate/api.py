@@ -241,7 +241,8 @@ def generate(
 
         with _generation_mode(model):
             return score_choices(runner, rows, choices, tokenizer=tokenizer, stop_ids=stop_ids, pad_id=pad_id,
-                                 batch_size=batch_size, ctx=ctx)
+                                 batch_size=batch_size, ctx=ctx, prompt_texts=prompts,
+                                 add_special_tokens=add_special_tokens)
 
     generator = None
     if not sampling.greedy:

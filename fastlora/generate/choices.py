@@ -96,14 +96,34 @@ def choice_token_ids(choices, tokenizer) -> list[list[int]]:
     return out
 
 
+def check_continuation(prompts: Sequence[str], choices: Sequence[str], seqs, tokenizer, add_special_tokens: bool):
+    """Each choice must tokenize after each text prompt exactly as on its own: otherwise
+    its tokens merge with the prompt's end and the trie would score a sequence the model
+    never reads (e.g. a choice starting with a newline after a prompt ending in one)."""
+    for j, p in enumerate(prompts):
+        head = list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
+        for i, c in enumerate(choices):
+            both = list(tokenizer(p + c, add_special_tokens=add_special_tokens)["input_ids"])
+            if both[: len(head)] != head or both[len(head):] != seqs[i]:
+                raise ValueError(
+                    f"choices[{i}] {c!r} cannot be tokenized as a continuation of prompt {j}: after the prompt it "
+                    f"becomes tokens {both[len(head) - 1:]} (from the prompt's last token on), on its own "
+                    f"{seqs[i]}. Start the answer where the prompt's tokens end (e.g. drop a leading space or "
+                    "newline, or end the prompt with it)"
+                )
+
+
 def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids: frozenset, pad_id: int,
-                  batch_size: int | None, ctx: int | None):
+                  batch_size: int | None, ctx: int | None, prompt_texts: Sequence[str] | None = None,
+                  add_special_tokens: bool = True):
     """The :class:`GenerationResult` of ``generate(..., choices=...)``."""
     from .api import GenerationResult, left_pad
     from .decode import prompt_positions
 
     choices = list(choices) if isinstance(choices, tuple) else choices
     seqs = choice_token_ids(choices, tokenizer)
+    if prompt_texts is not None:
+        check_continuation(prompt_texts, choices, seqs, tokenizer, add_special_tokens)
     trie = TokenTrie(seqs)
     conflicts = trie.prefix_conflicts()
     if conflicts:
