@@ -151,16 +151,6 @@ def _rows_from_ids(input_ids, attention_mask) -> list[list[int]]:
     return rows
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        attn[i, T - len(r):] = 1
-    return ids.to(device), attn.to(device)
-
-
 def generate(
     model,
     prompts: Sequence[str] | None = None,
@@ -179,6 +169,7 @@ def generate(
     choices: Sequence[str] | None = None,
     batch_size: int | None = None,
     add_special_tokens: bool = True,
+    share_prefix: bool = True,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (with ``tokenizer``) or of ``input_ids``
     ``(B, T)`` (left- or right-padded, with ``attention_mask``) on ``model``.
@@ -196,6 +187,8 @@ def generate(
             result gives each choice's probability. See :mod:`fastlora.generate.choices`.
         batch_size: rows per forward (default: all at once); rows are grouped by length.
         add_special_tokens: passed to the tokenizer for text prompts.
+        share_prefix: run the leading tokens all rows of a batch share (a system prompt)
+            once; False lays rows out exactly as transformers' ``generate`` does.
     """
     tokenizer = _find_tokenizer(model, tokenizer)
     if (prompts is None) == (input_ids is None):
@@ -261,10 +254,9 @@ def generate(
     with _generation_mode(model):
         for s in range(0, B, bs):
             idx = order[s: s + bs]
-            ids, attn = left_pad([rows[i] for i in idx], pad_id, runner.device)
-            d = decode(runner, ids, attn, limits=[limits[i] for i in idx], sampling=sampling, generator=generator,
-                       stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                       need_logprobs=return_logprobs, pad_id=pad_id)
+            d = decode(runner, [rows[i] for i in idx], limits=[limits[i] for i in idx], sampling=sampling,
+                       generator=generator, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                       need_logprobs=return_logprobs, pad_id=pad_id, share_prefix=share_prefix)
             for j, i in enumerate(idx):
                 n = d.lengths[j]
                 seqs[i] = d.tokens[j, :n]
