@@ -170,6 +170,7 @@ def generate(
     batch_size: int | None = None,
     add_special_tokens: bool = True,
     share_prefix: bool = True,
+    decoder: str = "auto",
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (with ``tokenizer``) or of ``input_ids``
     ``(B, T)`` (left- or right-padded, with ``attention_mask``) on ``model``.
@@ -189,6 +190,10 @@ def generate(
         add_special_tokens: passed to the tokenizer for text prompts.
         share_prefix: run the leading tokens all rows of a batch share (a system prompt)
             once; False lays rows out exactly as transformers' ``generate`` does.
+        decoder: ``"dynamic"`` (a growing KV cache; finished rows leave the batch),
+            ``"static"`` (a preallocated cache, fixed batch), ``"cuda_graph"`` (static,
+            each decode step replayed as a CUDA graph; CUDA only) or ``"auto"``
+            (``cuda_graph`` on CUDA where the model allows it, else ``dynamic``).
     """
     tokenizer = _find_tokenizer(model, tokenizer)
     if (prompts is None) == (input_ids is None):
@@ -218,7 +223,10 @@ def generate(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
 
+    if decoder not in ("auto", "dynamic", "static", "cuda_graph"):
+        raise ValueError(f"decoder must be 'auto', 'dynamic', 'static' or 'cuda_graph', got {decoder!r}")
     runner = Runner(model)
+    static = _static_mode(runner, decoder)
     stop_ids = _stop_ids(runner.lm, tokenizer, stop_token_ids)
     ctx = runner.context_length()
     limits = []
@@ -256,7 +264,8 @@ def generate(
             idx = order[s: s + bs]
             d = decode(runner, [rows[i] for i in idx], limits=[limits[i] for i in idx], sampling=sampling,
                        generator=generator, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                       need_logprobs=return_logprobs, pad_id=pad_id, share_prefix=share_prefix)
+                       need_logprobs=return_logprobs, pad_id=pad_id, share_prefix=share_prefix,
+                       static=static)
             for j, i in enumerate(idx):
                 n = d.lengths[j]
                 seqs[i] = d.tokens[j, :n]
@@ -281,3 +290,22 @@ def _pad_id(runner: Runner, tokenizer) -> int:
         if isinstance(v, int):
             return v
     return 0
+
+
+def _static_mode(runner: Runner, decoder: str) -> str | None:
+    """None (dynamic), "eager" or "graph", for ``decode``."""
+    if decoder == "dynamic":
+        return None
+    from .static import supports_static
+
+    why = supports_static(runner)
+    on_cuda = runner.device.type == "cuda"
+    if decoder == "auto":
+        return "graph" if on_cuda and why is None else None
+    if why is not None:
+        raise ValueError(f"decoder={decoder!r} is not available for this model: {why}")
+    if decoder == "cuda_graph":
+        if not on_cuda:
+            raise ValueError(f"decoder='cuda_graph' needs the model on a CUDA device, it is on {runner.device}")
+        return "graph"
+    return "eager"

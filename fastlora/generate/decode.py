@@ -146,9 +146,11 @@ def prefill(runner: Runner, rows: list[list[int]], pad_id: int, share_prefix: bo
 
 def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling: SamplingConfig,
            generator: torch.Generator | None, stop_ids: frozenset, stop_strings: tuple, tokenizer,
-           need_logprobs: bool, pad_id: int, share_prefix: bool = True) -> Decoded:
+           need_logprobs: bool, pad_id: int, share_prefix: bool = True, static: str | None = None) -> Decoded:
     """Generate after each of ``rows`` (prompt token ids); row ``b`` makes at most
-    ``limits[b]`` (>= 1) tokens."""
+    ``limits[b]`` (>= 1) tokens. ``static``: None (a dynamic cache, finished rows leave
+    the batch), ``"eager"`` or ``"graph"`` (:class:`fastlora.generate.static.StaticDecoder`,
+    a fixed batch; ``"graph"`` replays a CUDA graph per step)."""
     B = len(rows)
     dev = runner.device
     steps_max = max(limits)
@@ -159,8 +161,16 @@ def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling
     reasons = [""] * B
     texts_ids: list[list[int]] = [[] for _ in range(B)]
 
-    cache, attn, next_pos, logits = prefill(runner, rows, pad_id, share_prefix)
-    logits = logits[:, -1]  # (B, V)
+    fixed = None
+    if static is not None:
+        from .static import StaticDecoder
+
+        fixed = StaticDecoder(runner, rows, pad_id, steps_max, use_graph=static == "graph")
+        logits = fixed.prefill_logits
+        feed = torch.full((B,), pad_id, dtype=torch.long, device=dev)  # finished rows read a pad
+    else:
+        cache, attn, next_pos, logits = prefill(runner, rows, pad_id, share_prefix)
+        logits = logits[:, -1]  # (B, V)
     active = list(range(B))  # original row of each batch row
     active_t = torch.arange(B, device=dev)
     step = 0
@@ -194,6 +204,15 @@ def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling
         step += 1
         if not keep:
             break
+        if fixed is not None:  # a fixed batch: every row runs, finished ones on a pad
+            feed.fill_(pad_id)
+            feed[active_t] = tok
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                active_t = active_t[idx]
+                active = [active[i] for i in keep]
+            logits = fixed.step(feed)[active_t]
+            continue
         if len(keep) < len(active):  # finished rows stop costing compute
             idx = torch.tensor(keep, device=dev)
             cache.batch_select_indices(idx)
