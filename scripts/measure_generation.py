@@ -70,7 +70,7 @@ def fl_texts(model, tok, prompts, max_new_tokens, batch_size):
                              add_special_tokens=False, stop_token_ids=[tok.eos_token_id]).texts
 
 
-def measure_eval(rounds: int) -> dict:
+def measure_eval(rounds: int, limit: int = 0) -> dict:
     from fastlora.ops import nf4_gemv
     from fastlora.train.defaults.healthcare import parse_answer
     from fastlora.train.evaluate import task_items
@@ -78,30 +78,35 @@ def measure_eval(rounds: int) -> dict:
 
     model, tok, cfg = load(patch=True)
     data = load_data(SFTConfig().resolved())
-    items = task_items(data["test"], tok, data["format"])
+    items = task_items(data["test"][:limit] if limit else data["test"], tok, data["format"])
     prompts = [it.prompt for it in items]
     applies = nf4_gemv.applies
     times = {"before": [], "after": []}
+    cpu = {"before": [], "after": []}
     outs = {}
     for r in range(rounds):
         for name in ("before", "after"):
             if name == "before":
                 nf4_gemv.applies = lambda *a, **k: False  # the pre-issue path: dequantize every call
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             texts = (hf_texts if name == "before" else fl_texts)(model, tok, prompts, cfg.max_new_tokens,
                                                                   cfg.eval_batch_size)
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
             nf4_gemv.applies = applies
             outs.setdefault(name, texts)
             assert texts == outs[name], f"{name}: outputs changed between rounds"
-            print(json.dumps({"what": "eval", "round": r, "impl": name, "seconds": round(times[name][-1], 2)}),
-                  flush=True)
+            print(json.dumps({"what": "eval", "round": r, "impl": name, "seconds": round(times[name][-1], 2),
+                              "cpu_seconds": round(cpu[name][-1], 2)}), flush=True)
     same = outs["before"] == outs["after"]
     acc = {k: sum(parse_answer(o) == it.label for o, it in zip(v, items)) / len(items) for k, v in outs.items()}
     ratios = [b / a for b, a in zip(times["before"], times["after"])]
     return {"what": "eval", "examples": len(items), "batch": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens,
             "before_s_median": statistics.median(times["before"]), "after_s_median": statistics.median(times["after"]),
-            "speedup_median": statistics.median(ratios), "identical_outputs": same,
+            "speedup_median": statistics.median(ratios),
+            "before_cpu_s_median": statistics.median(cpu["before"]), "after_cpu_s_median": statistics.median(cpu["after"]),
+            "cpu_speedup_median": statistics.median([b / a for b, a in zip(cpu["before"], cpu["after"])]),
+            "identical_outputs": same,
             "differing": sum(a != b for a, b in zip(outs["before"], outs["after"])), "accuracy": acc}
 
 
@@ -120,10 +125,11 @@ def measure_decode(rounds: int, batch: int = 8, new: int = 32) -> dict:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     times = {"transformers": [], "fastlora": []}
+    cpu = {"transformers": [], "fastlora": []}
     toks = {}
     for r in range(rounds):
         for name in ("transformers", "fastlora"):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             if name == "transformers":
                 with torch.no_grad():
                     ref.eval()
@@ -136,15 +142,22 @@ def measure_decode(rounds: int, batch: int = 8, new: int = 32) -> dict:
                 seqs = [s.tolist() for s in res.sequences]
             dt = time.perf_counter() - t
             times[name].append(dt)
+            cpu[name].append(time.process_time() - c)
             toks[name] = seqs
             print(json.dumps({"what": "decode", "round": r, "impl": name, "seconds": round(dt, 3),
                               "tokens_per_s": round(batch * new / dt, 1)}), flush=True)
-    agree = sum(a == b for x, y in zip(toks["transformers"], toks["fastlora"]) for a, b in zip(x, y)) / (batch * new)
+    # transformers' min_new_tokens suppresses eos; compare each row up to its first eos
+    eos = tok.eos_token_id
+    pairs = [(a, b) for x, y in zip(toks["transformers"], toks["fastlora"])
+             for a, b in zip(x[: x.index(eos) if eos in x else len(x)], y)]
+    agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
     ratios = [a / b for a, b in zip(times["transformers"], times["fastlora"])]
     return {"what": "decode", "batch": batch, "new_tokens": new,
             "transformers_tok_s_median": batch * new / statistics.median(times["transformers"]),
             "fastlora_tok_s_median": batch * new / statistics.median(times["fastlora"]),
-            "speedup_median": statistics.median(ratios), "greedy_token_agreement": agree}
+            "speedup_median": statistics.median(ratios),
+            "cpu_speedup_median": statistics.median([a / b for a, b in zip(cpu["transformers"], cpu["fastlora"])]),
+            "greedy_token_agreement_before_eos": agree}
 
 
 def main() -> None:
@@ -153,10 +166,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--what", nargs="+", default=["eval", "decode"], choices=["eval", "decode"])
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=0, help="eval: first N test examples only (0 = all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for w in args.what:
-        res = measure_eval(args.rounds) if w == "eval" else measure_decode(args.rounds, batch=args.batch)
+        res = measure_eval(args.rounds, args.limit) if w == "eval" else measure_decode(args.rounds, batch=args.batch)
         res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), threads=args.threads)
         print(json.dumps(res), flush=True)
 

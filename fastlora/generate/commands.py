@@ -84,10 +84,12 @@ def read_prompts(cfg: GenerateConfig, stdin=None) -> tuple[list, str]:
             raise ValueError(f"prompt file {str(path)!r} has no prompt")
         return out, str(path)
     stdin = sys.stdin if stdin is None else stdin
-    if stdin is not None and not stdin.isatty():
-        lines = [ln.rstrip("\n") for ln in stdin if ln.strip()]
-        if lines:
-            return lines, "standard input"
+    try:
+        lines = [] if stdin is None or stdin.isatty() else [ln.rstrip("\n") for ln in stdin if ln.strip()]
+    except (OSError, ValueError):  # a closed or unreadable stdin (e.g. under a test runner): none given
+        lines = []
+    if lines:
+        return lines, "standard input"
     from ..train.defaults.healthcare import load_split
 
     records = load_split("test")[:5]

@@ -7,6 +7,9 @@
   task the answer is parsed as JSON (``defaults.healthcare.parse_answer``) and
   compared to the record's label; otherwise the stripped text is compared to the
   reference answer.
+- :func:`choice_accuracy`: the same test set with the answer restricted to the task's
+  labels (``fastlora.generate(choices=...)``), and how many examples fall below the
+  confidence a deployment would send to a person.
 - :func:`general_ability`: accuracy on the small general-knowledge QA set and perplexity
   on general text, both shipped in the package; ``retention`` is after/before.
 
@@ -142,6 +145,40 @@ def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
         correct += ok
         details.append({"reference": it.reference, "output": pred, "parsed": got, "correct": bool(ok)})
     return correct / len(items), details
+
+
+def choice_accuracy(model, tokenizer, items: Sequence[TaskItem], *, parse: Callable[[str], str | None] | None,
+                    min_confidence: float | None = None, batch_size: int = 16, max_choices: int = 20) -> dict | None:
+    """Label-restricted prediction on a classification test set: the answer must be one of
+    the distinct reference answers (``fastlora.generate(choices=...)``), the most probable
+    one wins. Returns accuracy, how many examples fall below ``min_confidence`` (they would
+    go to a person) and the per-item probabilities; None when the items are not a
+    classification task (no labels, no parser, or more than ``max_choices`` answers)."""
+    from ..generate import generate as fl_generate
+    from ..generate.choices import DEFAULT_MIN_CONFIDENCE
+
+    threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
+    if parse is None or not items or any(it.label is None for it in items):
+        return None
+    choices = list(dict.fromkeys(it.reference for it in items))
+    labels = [parse(c) for c in choices]
+    if len(choices) > max_choices or any(lab is None for lab in labels) or len(set(labels)) != len(labels):
+        return None
+    groups: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.special_tokens, []).append(i)
+    pred: list[str] = [""] * len(items)
+    conf = [0.0] * len(items)
+    for special, idx in groups.items():
+        res = fl_generate(model, [items[i].prompt for i in idx], tokenizer=tokenizer, choices=choices,
+                          batch_size=batch_size, add_special_tokens=special)
+        for j, i in enumerate(idx):
+            pred[i] = labels[choices.index(res.predictions[j])]
+            conf[i] = res.confidences[j]
+    correct = sum(p == it.label for p, it in zip(pred, items))
+    return {"accuracy": correct / len(items), "below_threshold": sum(c < threshold for c in conf),
+            "min_confidence": threshold, "examples": len(items),
+            "details": [{"label": it.label, "predicted": p, "probability": c} for it, p, c in zip(items, pred, conf)]}
 
 
 # ------------------------------------------------------------------ forgetting

@@ -87,3 +87,22 @@ def test_bad_choices(qlora, chat_tokenizer):
         fastlora.generate(qlora, p, tokenizer=tok, choices=["yes", "\n\nno"], add_special_tokens=False)
     with pytest.raises(TypeError, match="choices must be a list of strings"):
         fastlora.generate(qlora, p, tokenizer=tok, choices="yes")
+
+
+def test_choice_accuracy_of_the_sft_evaluation(qlora, chat_tokenizer):
+    from fastlora.train.defaults.healthcare import answer_of, parse_answer
+    from fastlora.train.evaluate import TaskItem, choice_accuracy
+
+    tok = chat_tokenizer
+    qs = [("why was I charged twice", "billing"), ("my throat hurts", "symptoms"), ("book a visit", "appointment"),
+          ("refund for my copay", "billing")]
+    items = [TaskItem(chat(tok, q), answer_of(lab), lab, special_tokens=False) for q, lab in qs]
+    res = choice_accuracy(qlora, tok, items, parse=parse_answer, min_confidence=0.5, batch_size=3)
+    direct = fastlora.generate(qlora, [it.prompt for it in items], tokenizer=tok,
+                               choices=list(dict.fromkeys(it.reference for it in items)), add_special_tokens=False)
+    want = [parse_answer(p) for p in direct.predictions]
+    assert [d["predicted"] for d in res["details"]] == want
+    assert res["accuracy"] == sum(w == lab for w, (_, lab) in zip(want, qs)) / 4
+    assert res["below_threshold"] == sum(c < 0.5 for c in direct.confidences)
+    # not a classification task: no labels
+    assert choice_accuracy(qlora, tok, [TaskItem("x", "y")], parse=parse_answer) is None
