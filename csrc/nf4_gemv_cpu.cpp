@@ -51,7 +51,7 @@ constexpr int kRowTile = 8;
 
 // Below this many weights a parallel region costs more than the work (and waking a team
 // on a busy machine can cost a scheduler slice).
-constexpr std::int64_t kParallelMinWeights = std::int64_t{1} << 16;
+constexpr std::int64_t kParallelMinWeights = std::int64_t{1} << 21;
 
 struct Args {
   const float* xe;  // [M, K/2] x's even columns (fp32), or x itself [M, K] when K is odd

@@ -10,10 +10,14 @@ from fastlora.nf4 import quantize_nf4
 from fastlora.ops import nf4_gemv as G
 from fastlora.ops.lora_linear import lora_linear, lora_linear_reference
 
-# (N, K): odd N, K not a multiple of the blocksize (blocks span rows), K not a multiple of
-# 32 (vector tails), odd K (the scalar path), a SmolLM2-sized row.
-SHAPES = ((1, 64), (7, 100), (33, 66), (5, 129), (45, 96), (24, 576), (3, 2048))
-BLOCKSIZES = (32, 64, 128, 256)
+# (N, K, blocksize, double quant): odd N; K not a multiple of the blocksize (blocks span
+# rows); K not a multiple of 32 (vector tails); odd K (the scalar path); long rows; a
+# SmolLM2-sized row; every blocksize with and without double quantization.
+CASES = (
+    (1, 64, 64, False), (7, 100, 64, True), (33, 66, 32, False), (33, 66, 32, True), (5, 129, 64, True),
+    (5, 129, 128, False), (45, 96, 128, True), (24, 576, 64, True), (24, 576, 256, False), (3, 2048, 256, True),
+    (9, 160, 32, True), (16, 384, 128, False),
+)
 
 
 def _isas():
@@ -43,9 +47,7 @@ def _check(y, x, wq, bias, what):
     assert float(ref.abs().max()) > 0, f"{what}: vacuous (zero reference)"
 
 
-@pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("blocksize", BLOCKSIZES)
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("N,K,blocksize,dq", CASES)
 def test_matches_reference_every_isa(N, K, blocksize, dq):
     wq = _weight(N, K, torch.float32, blocksize, dq)
     g = torch.Generator().manual_seed(1)
