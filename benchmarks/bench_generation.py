@@ -1,6 +1,8 @@
 """Generation (PPO rollouts, evaluation) with the 4-bit QLoRA model: Hugging Face
-``generate`` on bitsandbytes NF4 + PEFT LoRA (unpatched) against the same model after
-``fastlora.patch`` (its LoRA layers then run fastlora's small-M kernels).
+``generate`` on bitsandbytes NF4 + PEFT LoRA (unpatched) against ``fastlora.generate`` on
+the same model after ``fastlora.patch`` (small-M NF4 kernels: the C++ GEMV on CPU, the
+CUDA GEMV on GPU, where the decode step is also replayed as a CUDA graph), and against
+Hugging Face ``generate`` on the patched model (the kernels without the decode loop).
 
 Greedy decoding of a fixed number of new tokens (``min_new_tokens`` = ``max_new_tokens``,
 so no sequence stops early and every provider does the same work). The check (before
@@ -18,7 +20,7 @@ from benchmarks import models as Mo
 
 
 def pytest_generate_tests(metafunc):
-    metafunc.parametrize("provider", ["hf-bnb-peft", "fastlora", "unsloth"])
+    metafunc.parametrize("provider", ["hf-bnb-peft", "fastlora", "fastlora-kernels+hf-generate", "unsloth"])
 
 
 _CASE: dict = {}
@@ -57,9 +59,18 @@ def _case(env: H.Env) -> tuple[H.Case, Mo.QLoRAModel]:
     return case, qm
 
 
+def _fl_generate(qm: Mo.QLoRAModel, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """fastlora.generate, every row making ``new`` tokens (no stop token), as (B, prompt+new)."""
+    import fastlora
+
+    res = fastlora.generate(qm.model, input_ids=ids, max_new_tokens=new, stop_token_ids=[])
+    return torch.cat([ids, torch.stack(res.sequences)], dim=1)
+
+
 def _provider(env: H.Env, name: str, qm: Mo.QLoRAModel) -> H.Provider:
     new = env.preset.gen_new
     provider = None
+    gen = _fl_generate if name == "fastlora" else _generate
 
     def build_calls(ids):
         state = {"first": ids is _CASE["case"].ring[0]}
@@ -68,16 +79,18 @@ def _provider(env: H.Env, name: str, qm: Mo.QLoRAModel) -> H.Provider:
             if state["first"]:  # the check: logits, then the greedy-token agreement
                 state["first"] = False
                 logits = _next_logits(qm, ids)
-                toks = _generate(qm, ids, new)
+                toks = gen(qm, ids, new)
+                # transformers' min_new_tokens bans eos and fastlora.generate without stop tokens
+                # does not: a row that reaches eos may go on differently after it
                 provider.info["greedy_token_agreement"] = float((toks == _CASE["tokens"]).float().mean().item())
                 return (logits,)
-            return (_generate(qm, ids, new),)
+            return (gen(qm, ids, new),)
 
         return call
 
     if name == "hf-bnb-peft":
         provider = H.Provider(name, "bitsandbytes+peft", build_calls)
-    elif name == "fastlora":
+    elif name in ("fastlora", "fastlora-kernels+hf-generate"):
         state = {}
 
         def build(ids):
@@ -92,6 +105,8 @@ def _provider(env: H.Env, name: str, qm: Mo.QLoRAModel) -> H.Provider:
                 Mo.fastlora_unpatch(qm.model)
 
         provider = H.Provider(name, "fastlora", build, cleanup=cleanup)
+        if name == "fastlora":
+            provider.info["decoder"] = "auto (CUDA graph on GPU, dynamic KV cache on CPU)"
     elif name == "unsloth":
         def build_unsloth(ids):
             H.require_module("unsloth")

@@ -7,6 +7,9 @@
   task the answer is parsed as JSON (``defaults.healthcare.parse_answer``) and
   compared to the record's label; otherwise the stripped text is compared to the
   reference answer.
+- :func:`choice_accuracy`: the same test set with the answer restricted to the task's
+  labels (``fastlora.generate(choices=...)``), and how many examples fall below the
+  confidence a deployment would send to a person.
 - :func:`general_ability`: accuracy on the small general-knowledge QA set and perplexity
   on general text, both shipped in the package; ``retention`` is after/before.
 
@@ -106,29 +109,18 @@ def task_items(records: Sequence[dict], tokenizer, fmt: str) -> list[TaskItem]:
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12, batch_size: int = 16,
              special_tokens: bool = False) -> list[str]:
-    """Greedy completions of ``prompts`` (decoded, special tokens removed), batched with left padding."""
-    device = model_device(model)
-    outputs: list[str | None] = [None] * len(prompts)
-    # Similar lengths together: less padding, and the result does not depend on the order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with _eval_mode(model):
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                add_special_tokens=special_tokens).to(device)
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
-                )
-                new = out[:, enc["input_ids"].shape[1]:]
-                for i, ids in zip(idx, new):
-                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return outputs  # type: ignore[return-value]
+    """Greedy completions of ``prompts`` (decoded, special tokens removed), by
+    ``fastlora.generate``: left-padded batches of similar lengths, stopping at the
+    tokenizer's eos (what transformers' ``generate`` was asked for before)."""
+    from ..generate import generate as fl_generate
+
+    if not prompts:
+        return []
+    eos = tokenizer.eos_token_id
+    res = fl_generate(model, list(prompts), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, add_special_tokens=special_tokens,
+                      stop_token_ids=None if eos is None else [eos])
+    return res.texts
 
 
 def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
@@ -160,6 +152,40 @@ def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
         correct += ok
         details.append({"reference": it.reference, "output": pred, "parsed": got, "correct": bool(ok)})
     return correct / len(items), details
+
+
+def choice_accuracy(model, tokenizer, items: Sequence[TaskItem], *, parse: Callable[[str], str | None] | None,
+                    min_confidence: float | None = None, batch_size: int = 16, max_choices: int = 20) -> dict | None:
+    """Label-restricted prediction on a classification test set: the answer must be one of
+    the distinct reference answers (``fastlora.generate(choices=...)``), the most probable
+    one wins. Returns accuracy, how many examples fall below ``min_confidence`` (they would
+    go to a person) and the per-item probabilities; None when the items are not a
+    classification task (no labels, no parser, or more than ``max_choices`` answers)."""
+    from ..generate import generate as fl_generate
+    from ..generate.choices import DEFAULT_MIN_CONFIDENCE
+
+    threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
+    if parse is None or not items or any(it.label is None for it in items):
+        return None
+    choices = list(dict.fromkeys(it.reference for it in items))
+    labels = [parse(c) for c in choices]
+    if len(choices) > max_choices or any(lab is None for lab in labels) or len(set(labels)) != len(labels):
+        return None
+    groups: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.special_tokens, []).append(i)
+    pred: list[str] = [""] * len(items)
+    conf = [0.0] * len(items)
+    for special, idx in groups.items():
+        res = fl_generate(model, [items[i].prompt for i in idx], tokenizer=tokenizer, choices=choices,
+                          batch_size=batch_size, add_special_tokens=special)
+        for j, i in enumerate(idx):
+            pred[i] = labels[choices.index(res.predictions[j])]
+            conf[i] = res.confidences[j]
+    correct = sum(p == it.label for p, it in zip(pred, items))
+    return {"accuracy": correct / len(items), "below_threshold": sum(c < threshold for c in conf),
+            "min_confidence": threshold, "examples": len(items),
+            "details": [{"label": it.label, "predicted": p, "probability": c} for it, p, c in zip(items, pred, conf)]}
 
 
 # ------------------------------------------------------------------ forgetting

@@ -300,6 +300,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
             acc, _ = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
             before["accuracy"] = acc
             log(f"test accuracy before training: {acc:.1%} ({len(test_items)} examples)")
+            before.update(_restricted(model, tokenizer, test_items, data["parse"], cfg, log, "before"))
         if cfg.measure_forgetting:
             before["general"] = _general(model, tokenizer, cfg)
             log(f"general QA before: {before['general']['qa_accuracy']:.1%}, "
@@ -409,6 +410,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
     details = None
     if test_items:
         after["accuracy"], details = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
+        after.update(_restricted(model, tokenizer, test_items, data["parse"], cfg, log, "after"))
     if cfg.measure_forgetting:
         after["general"] = _general(model, tokenizer, cfg)
     after["seconds"] = time.perf_counter() - t_eval
@@ -425,6 +427,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
         "test_examples": len(test_items),
         "accuracy_before": before.get("accuracy"),
         "accuracy_after": after.get("accuracy"),
+        "restricted_accuracy_before": before.get("restricted_accuracy"),
+        "restricted_accuracy_after": after.get("restricted_accuracy"),
+        "below_threshold_after": after.get("below_threshold"),
+        "min_confidence": after.get("min_confidence"),
         "retention": ev.retention(before.get("general", {}), after.get("general", {})),
         "general_qa_before": before.get("general", {}).get("qa_accuracy"),
         "general_qa_after": after.get("general", {}).get("qa_accuracy"),
@@ -459,6 +465,18 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
         log.warn(f"could not draw the curve: {e}")
     print_summary(summary, file=log.stream)
     return summary
+
+
+def _restricted(model, tokenizer, items, parse, cfg: SFTConfig, log, when: str) -> dict:
+    """Label-restricted accuracy and the examples below the default confidence threshold
+    (fastlora.train.evaluate.choice_accuracy); {} when the test set is not a classification."""
+    res = ev.choice_accuracy(model, tokenizer, items, parse=parse, batch_size=cfg.eval_batch_size)
+    if res is None:
+        return {}
+    log(f"test accuracy {when} training, answers restricted to the labels: {res['accuracy']:.1%}; "
+        f"{res['below_threshold']} of {res['examples']} below confidence {res['min_confidence']:.2f}")
+    return {"restricted_accuracy": res["accuracy"], "below_threshold": res["below_threshold"],
+            "min_confidence": res["min_confidence"]}
 
 
 def _general(model, tokenizer, cfg: SFTConfig) -> dict:
@@ -578,6 +596,9 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
 _SUMMARY_ROWS = (
     ("accuracy_before", "test accuracy before", "{:.1%}"),
     ("accuracy_after", "test accuracy after", "{:.1%}"),
+    ("restricted_accuracy_before", "test accuracy before, restricted to the labels", "{:.1%}"),
+    ("restricted_accuracy_after", "test accuracy after, restricted to the labels", "{:.1%}"),
+    ("below_threshold_after", "test examples below the confidence threshold (after)", "{}"),
     ("general_qa_before", "general QA before", "{:.1%}"),
     ("general_qa_after", "general QA after", "{:.1%}"),
     ("retention", "retention (after/before)", "{:.1%}"),

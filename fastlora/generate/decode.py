@@ -1,0 +1,225 @@
+"""The decode loop: one prefill, then one forward per new token over a KV cache.
+
+Rows arrive left-padded (the caller normalizes any padding). Positions follow
+transformers' ``generate``: ``cumsum(attention_mask) - 1`` over the prompt, then +1 per
+step, and the prefill keeps only the last position's logits (``logits_to_keep=1``, as
+``generate`` does), so greedy tokens are the same as ``generate``'s.
+
+A row leaves the batch as soon as it finishes (stop token, stop string, its token
+budget): its cache rows are dropped (``Cache.batch_select_indices``) and later steps
+run on the remaining rows only.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingConfig, choose
+
+
+def causal_lm(model):
+    """The transformers causal LM inside ``model`` (a PeftModel runs its injected LoRA
+    layers either way; calling the inner model skips PEFT's per-call wrapper)."""
+    inner = model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    return inner
+
+
+class Runner:
+    """Calls the causal LM for generation: builds the cache, names its keywords right for
+    the installed transformers (``cache=`` in 5.x, ``past_key_values=`` before)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lm = causal_lm(model)
+        params = inspect.signature(type(self.lm).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self.config = self.lm.config
+        self.device = next(p.device for p in self.lm.parameters())
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache, keep: int = 1):
+        """Logits ``(B, keep, V)`` of the last ``keep`` positions of ``ids`` ``(B, t)``."""
+        kw = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, self.cache_kw: cache,
+              "use_cache": True}
+        if self.keep_kw is not None:
+            kw[self.keep_kw] = keep
+        out = self.lm(**kw)
+        return out.logits[:, -keep:, :]
+
+    def context_length(self) -> int | None:
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        n = getattr(cfg, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, T - len(r):] = 1
+    return ids.to(device), attn.to(device)
+
+
+def prompt_positions(attn: torch.Tensor) -> torch.Tensor:
+    """transformers' ``generate`` positions for a (left-padded) prompt mask."""
+    pos = attn.long().cumsum(-1) - 1
+    return pos.masked_fill(attn == 0, 0)
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (B, steps) new ids (pad after a row's end)
+    lengths: list[int]
+    reasons: list[str]
+    logprobs: torch.Tensor | None = None  # (B, steps) fp32
+    sampling_logprobs: torch.Tensor | None = None
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# Rows sharing at least this many leading tokens (a system prompt, a chat template's
+# header) run that prefix once: below it the extra forward costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Leading tokens common to every row, leaving each row at least one token of its own
+    (the prefill's last position must be the row's own last token)."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def prefill(runner: Runner, rows: list[list[int]], pad_id: int, share_prefix: bool = True, keep: int = 1):
+    """(cache, attention mask ``(B, T)``, next positions ``(B, 1)``, logits of the last
+    ``keep`` positions ``(B, keep, V)``) (``keep`` <= the tokens each row has of its own).
+
+    Without a shared prefix the rows are left-padded, as transformers' ``generate`` does.
+    With one (``P`` tokens), the prefix is run once for a single row, its cache repeated
+    for every row, and the rest of each row follows it left-padded: ``[prefix | pad |
+    own tokens]``. Positions still count real tokens only (``cumsum(mask) - 1``), so each
+    row sees exactly the tokens and positions it would see alone; only the order of some
+    float sums differs (a batch of 1 instead of B in the prefix's matmuls).
+    """
+    dev = runner.device
+    B = len(rows)
+    P = shared_prefix_length(rows) if share_prefix else 0
+    P = min(P, min(len(r) for r in rows) - keep)
+    cache = runner.new_cache()
+    if P < MIN_SHARED_PREFIX:
+        ids, attn = left_pad(rows, pad_id, dev)
+        pos = prompt_positions(attn)
+        logits = runner(ids, attn, pos, cache, keep=keep)
+        return cache, attn, pos[:, -1:] + 1, logits
+    head = torch.tensor([rows[0][:P]], dtype=torch.long, device=dev)  # (1, P)
+    head_mask = torch.ones_like(head)
+    runner(head, head_mask, prompt_positions(head_mask), cache, keep=1)
+    cache.batch_repeat_interleave(B)
+    ids, tail_mask = left_pad([r[P:] for r in rows], pad_id, dev)  # (B, S)
+    attn = torch.cat([head_mask.expand(B, -1), tail_mask], dim=1)  # (B, P + S)
+    pos = prompt_positions(attn)[:, P:]
+    logits = runner(ids, attn, pos, cache, keep=keep)
+    return cache, attn, pos[:, -1:] + 1, logits
+
+
+def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling: SamplingConfig,
+           generator: torch.Generator | None, stop_ids: frozenset, stop_strings: tuple, tokenizer,
+           need_logprobs: bool, pad_id: int, share_prefix: bool = True, static: str | None = None) -> Decoded:
+    """Generate after each of ``rows`` (prompt token ids); row ``b`` makes at most
+    ``limits[b]`` (>= 1) tokens. ``static``: None (a dynamic cache, finished rows leave
+    the batch), ``"eager"`` or ``"graph"`` (:class:`fastlora.generate.static.StaticDecoder`,
+    a fixed batch; ``"graph"`` replays a CUDA graph per step)."""
+    B = len(rows)
+    dev = runner.device
+    steps_max = max(limits)
+    tokens = torch.full((B, steps_max), pad_id, dtype=torch.long, device=dev)
+    lp = torch.zeros((B, steps_max), dtype=torch.float32, device=dev) if need_logprobs else None
+    slp = torch.zeros((B, steps_max), dtype=torch.float32, device=dev) if need_logprobs else None
+    lengths = [0] * B
+    reasons = [""] * B
+    texts_ids: list[list[int]] = [[] for _ in range(B)]
+
+    fixed = None
+    if static is not None:
+        from .static import StaticDecoder
+
+        fixed = StaticDecoder(runner, rows, pad_id, steps_max, use_graph=static == "graph")
+        logits = fixed.prefill_logits
+        feed = torch.full((B,), pad_id, dtype=torch.long, device=dev)  # finished rows read a pad
+    else:
+        cache, attn, next_pos, logits = prefill(runner, rows, pad_id, share_prefix)
+        logits = logits[:, -1]  # (B, V)
+    active = list(range(B))  # original row of each batch row
+    active_t = torch.arange(B, device=dev)
+    step = 0
+    while True:
+        u = None
+        if not sampling.greedy:
+            # one number per original row and step: a row's draw ignores who else is left
+            u = torch.rand(B, generator=generator, device=dev)[active_t]
+        tok, full, samp = choose(logits, sampling, u, need_logprobs)
+        tokens[active_t, step] = tok
+        if need_logprobs:
+            lp[active_t, step] = full
+            slp[active_t, step] = samp
+        keep = []
+        for i, (r, t) in enumerate(zip(active, tok.tolist())):
+            lengths[r] = step + 1
+            reason = ""
+            if t in stop_ids:
+                reason = "stop_token"
+            elif stop_strings:
+                texts_ids[r].append(t)
+                text = tokenizer.decode(texts_ids[r], skip_special_tokens=True)
+                if any(s in text for s in stop_strings):
+                    reason = "stop_string"
+            if not reason and step + 1 >= limits[r]:
+                reason = "length"
+            if reason:
+                reasons[r] = reason
+            else:
+                keep.append(i)
+        step += 1
+        if not keep:
+            break
+        if fixed is not None:  # a fixed batch: every row runs, finished ones on a pad
+            feed.fill_(pad_id)
+            feed[active_t] = tok
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                active_t = active_t[idx]
+                active = [active[i] for i in keep]
+            logits = fixed.step(feed)[active_t]
+            continue
+        if len(keep) < len(active):  # finished rows stop costing compute
+            idx = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(idx)
+            attn, tok, next_pos, active_t = attn[idx], tok[idx], next_pos[idx], active_t[idx]
+            active = [active[i] for i in keep]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        logits = runner(tok.unsqueeze(1), attn, next_pos, cache, keep=1)[:, -1]
+        next_pos = next_pos + 1
+    return Decoded(tokens[:, :step], lengths, reasons, None if lp is None else lp[:, :step],
+                   None if slp is None else slp[:, :step], step)

@@ -1,0 +1,49 @@
+"""``fastlora generate`` and ``fastlora predict`` on a tiny 4-bit chat model."""
+from __future__ import annotations
+
+import json
+
+from fastlora.cli import main
+from tests.helpers import requires_bnb
+
+pytestmark = requires_bnb
+
+
+def test_predict_and_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
+    m = str(tiny_chat_model_dir)
+    rc = main(["predict", "--model", m, "--choices", "yes", "no", "maybe", "--min-confidence", "0.99", "--json",
+               "is it urgent?", "can I come tomorrow?"])
+    assert rc == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["is it urgent?", "can I come tomorrow?"]
+    for r in rows:
+        assert r["label"] in ("yes", "no", "maybe") and set(r["probabilities"]) == {"yes", "no", "maybe"}
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-3
+        assert r["review"] == (r["probability"] < 0.99)
+    assert "marked for human review" in out.err
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"},
+                                          {"role": "assistant", "content": "dropped"}]}) + "\n"
+                 + json.dumps({"prompt": "hi there"}) + "\n")
+    rc = main(["generate", "--model", m, "--file", str(f), "--max-new-tokens", "3", "--json"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
+
+
+def test_command_bad_input(tiny_chat_model_dir, tmp_path, capsys):
+    m = str(tiny_chat_model_dir)
+    assert main(["predict", "q", "--model", m, "--choices", "a", "b", "a"]) == 2
+    assert "duplicates" in capsys.readouterr().err
+    assert main(["predict", "q", "--model", m, "--min-confidence", "1.5", "--choices", "a", "b"]) == 2
+    assert "--min-confidence must be a probability" in capsys.readouterr().err
+    assert main(["generate", "--model", m, "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    assert main(["generate", "--model", m, "--file", str(bad)]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert main(["generate", "--model", m, "--adapter", str(tmp_path)]) == 2
+    assert "not a PEFT adapter directory" in capsys.readouterr().err
