@@ -192,17 +192,18 @@ def _add_generate_parsers(sub) -> None:
         p.add_argument("--adapter", help="PEFT adapter dir (default: runs/sft/adapter when it exists)")
         p.add_argument("--system", help="system prompt (default on the embedded task: the healthcare one)")
         p.add_argument("--raw", action="store_true", help="no chat template: continue the prompts as given")
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--cache-dir", default=None)
+        p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
+        p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto = cuda when available (default: auto)")
+        p.add_argument("--cache-dir", default=None,
+                       help="where the embedded GGUF model is converted once (default: ~/.cache/fastlora)")
         p.add_argument("--json", action="store_true", help="one JSON object per prompt")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
         if name == "generate":
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-            p.add_argument("--top-k", type=int, default=None)
-            p.add_argument("--top-p", type=float, default=None)
-            p.add_argument("--seed", type=int, default=None)
+            p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer at most (default: 64)")
+            p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+            p.add_argument("--top-k", type=int, default=None, help="sample among the k most probable tokens (default: off)")
+            p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+            p.add_argument("--seed", type=int, default=None, help="seed that makes sampling reproducible (default: none)")
             p.add_argument("--no-compare", dest="compare", action="store_false",
                            help="only the adapter's answers (default: also the base model's)")
         else:
