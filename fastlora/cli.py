@@ -30,6 +30,7 @@ _HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "output_dir": "where the adapter, metrics.jsonl, curve.png and summary.json go",
     "general_mix": "fraction of general chat data mixed into training (against forgetting)",
+    "init_adapter": "PEFT adapter dir to start the reward adapter from (e.g. runs/sft/adapter; default: a fresh one)",
     "center": "weight c of the centering term c*(r_chosen + r_rejected)^2 (rm)",
 }
 

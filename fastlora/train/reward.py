@@ -63,6 +63,7 @@ class RewardConfig:
     center: float = 0.0  # weight of the centering term c·(r_chosen + r_rejected)²
 
     # --- LoRA and head ---
+    init_adapter: str | None = None  # start the reward adapter from this PEFT adapter dir (e.g. runs/sft/adapter)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -284,6 +285,8 @@ def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict],
     if resume_from is not None:
         ckpt.check_resume_config(out, cfg.to_dict())
     data = load_data(cfg)
+    if cfg.init_adapter and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"init_adapter {cfg.init_adapter!r} is not a PEFT adapter dir (no adapter_config.json)")
     from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
     device = resolve_device(cfg.device)
@@ -314,8 +317,12 @@ def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict],
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
     base = SharedBase.from_model(lm, patch=cfg.patch)
-    base.add_role("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                  target_modules=cfg.target_modules, seed=cfg.seed)
+    if cfg.init_adapter:
+        # the SFT adapter (or an earlier reward model) as the starting point; a SEQ_CLS dir brings its head
+        base.add_role("reward", from_pretrained=cfg.init_adapter, trainable=True, seed=cfg.seed)
+    else:
+        base.add_role("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, seed=cfg.seed)
     params = base.trainable_parameters(["reward"])
     shared = not cfg.gradient_checkpointing  # checkpointing turns the prompt cache off
     optimizer = make_optimizer(cfg, params, device)
@@ -437,7 +444,7 @@ def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict],
     summary = {
         "task": data["task"],
         "model": str(model_path),
-        "starts_from": "base model (no SFT adapter)",
+        "starts_from": f"adapter {cfg.init_adapter}" if cfg.init_adapter else "base model (no SFT adapter)",
         "device": str(device),
         "patched": bool(cfg.patch),
         "steps": step,

@@ -141,3 +141,12 @@ def test_cli_rm_and_bad_data(tiny_model_dir, prefs, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())["config"]
     assert run["center"] == 0.01 and run["lora_r"] == 2
     assert json.loads((out / "summary.json").read_text())["eval_pairs"] == 2
+    # a reward model can start from an adapter (here the previous one: its head comes along)
+    out2 = tmp_path / "run2"
+    rc = main(["rm", "--model", str(tiny_model_dir), "--data", str(prefs), "--output-dir", str(out2),
+               "--no-progress", "--max-steps", "1", "--batch-size", "2", "--init-adapter", str(out / "adapter"),
+               "--eval-max-examples", "2"])
+    assert rc == 0
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (out, out2))
+    assert s2["starts_from"] == f"adapter {out / 'adapter'}"
+    assert s2["mean_margin_before"] == pytest.approx(s1["mean_margin_after"], rel=1e-4, abs=1e-5)
