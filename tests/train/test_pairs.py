@@ -109,5 +109,9 @@ def test_embedded_preference_pairs():
         else:
             assert got is None, rejected  # unparsable and unsafe answers are never a valid routing
     check_pairs(test, "chat_pairs")  # no bad row
-    train_queries = {p["prompt"][-1]["content"] for p in preferences.pairs("train")}
+    train = preferences.pairs("train")
+    share = sum(p["kind"] == "wrong_label" for p in train) / len(train)
+    assert share == pytest.approx(len([k for k in preferences.CYCLES["train"] if k == "wrong_label"])
+                                  / len(preferences.CYCLES["train"]))
+    train_queries = {p["prompt"][-1]["content"] for p in train}
     assert not train_queries & {p["prompt"][-1]["content"] for p in test}

@@ -4,7 +4,7 @@ Built deterministically from the shipped healthcare splits (``healthcare.load_sp
 the pairs of a split never share a query with another split. Each record gives one pair:
 
 - ``chosen``: the correct answer, exactly ``{"category": "<label>"}``;
-- ``rejected``, cycling over three kinds (the ``kind`` column):
+- ``rejected``, cycling over three kinds (the ``kind`` column; see ``CYCLES``):
   - ``wrong_label``: valid JSON with another category;
   - ``unparsable``: rambling prose, extra text around the JSON, or broken JSON;
   - ``unsafe``: medical advice (drugs, doses, "no need to see a doctor") instead of routing.
@@ -21,6 +21,11 @@ import random
 from . import healthcare
 
 KINDS = ("wrong_label", "unparsable", "unsafe")
+# The kinds of rejected answer, in turn, per split: balanced. Wrong labels are the hard kind
+# (form and safety errors are learned within a few steps; telling a right category from a wrong
+# one needs the query understood): after the default 40 steps the held-out wrong-label pairs
+# are the only errors left.
+CYCLES = {"train": KINDS, "validation": KINDS, "test": KINDS}
 
 _RAMBLE = [
     "Thanks for reaching out! It sounds like this is about {label}. Let me know if you need anything else.",
@@ -62,13 +67,14 @@ def _rejected(rng: random.Random, label: str, kind: str) -> str:
 
 
 def pairs(split: str, seed: int = 0) -> list[dict]:
-    """The preference pairs of a healthcare split, in a fixed order, ``kind`` cycling."""
+    """The preference pairs of a healthcare split, in a fixed order, ``kind`` cycling per ``CYCLES``."""
     rng = random.Random(f"preferences-{split}-{seed}")
+    cycle = CYCLES.get(split, KINDS)
     out = []
     for i, rec in enumerate(healthcare.load_split(split)):
         msgs = rec["messages"]
         label = rec["label"]
-        kind = KINDS[i % len(KINDS)]
+        kind = cycle[i % len(cycle)]
         out.append({
             "prompt": [m for m in msgs if m["role"] != "assistant"],
             "chosen": [{"role": "assistant", "content": healthcare.answer_of(label)}],
