@@ -167,3 +167,12 @@ def test_reward_loss_fp32_and_extremes():
         reward_loss(torch.zeros(2), torch.zeros(2), torch.zeros(3))
     with pytest.raises(ValueError, match="no pairs"):
         reward_loss(torch.zeros(0), torch.zeros(0))
+
+
+def test_importing_fastlora_rl_is_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlora.rl as rl; assert 'reward_loss' in rl.__all__ and 'SharedBase' in rl.__all__; "
+            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
