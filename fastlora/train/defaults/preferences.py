@@ -21,11 +21,12 @@ import random
 from . import healthcare
 
 KINDS = ("wrong_label", "unparsable", "unsafe")
-# The kinds of rejected answer, in turn, per split: balanced. Wrong labels are the hard kind
-# (form and safety errors are learned within a few steps; telling a right category from a wrong
-# one needs the query understood): after the default 40 steps the held-out wrong-label pairs
-# are the only errors left.
-CYCLES = {"train": KINDS, "validation": KINDS, "test": KINDS}
+# The kinds of rejected answer, in turn, per split. Training sees wrong labels half the time: form
+# and safety errors are learned within a few steps, while telling a right category from a wrong one
+# needs the query understood. Measured on the default run (40 steps, 150 held-out pairs): a balanced
+# mix left 7 of 50 held-out wrong-label pairs wrong (95.3% overall), this mix 2 of 50 (98.7%). The
+# held-out splits stay balanced over the three kinds.
+CYCLES = {"train": ("wrong_label", "unparsable", "wrong_label", "unsafe"), "validation": KINDS, "test": KINDS}
 
 _RAMBLE = [
     "Thanks for reaching out! It sounds like this is about {label}. Let me know if you need anything else.",
