@@ -1,4 +1,4 @@
-"""The ``fastlora`` command: ``sft``, ``merge``, ``bench``, ``info``, ``generate`` and ``predict``.
+"""The ``fastlora`` command: ``sft``, ``rm``, ``merge``, ``bench``, ``info``, ``generate`` and ``predict``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -71,11 +71,28 @@ _HELP = {
     "log_every": "log the training metrics every N optimizer steps",
     "progress": "progress bars at a terminal (--no-progress: none; plain lines are printed in any case)",
     "parallel": "under torchrun/accelerate launch: ddp (every process holds the 4-bit base) or fsdp (FSDP2 shards it)",
+    "init_adapter": "PEFT adapter dir to start the reward adapter from (e.g. runs/sft/adapter; default: a fresh one)",
+    "center": "weight c of the centering term c*(r_chosen + r_rejected)^2 (rm)",
 }
 
 
-def _help_text(name: str, default) -> str:
-    text = _HELP[name]
+# Where the reward model's option means something else than SFT's (or has another default).
+_RM_HELP = {
+    "data": "preference files (.jsonl/.json/.csv) or datasets dirs: prompt/chosen/rejected or chosen/rejected "
+            "message lists, optional margin (default: the embedded healthcare pairs)",
+    "eval_data": "held-out preference files (default: --eval-split of the training pairs)",
+    "max_length": "tokens per prompt + response; longer ones keep their last tokens (the end of the response)",
+    "lr": "peak learning rate (default: 5e-4 on the embedded task, else 1e-4)",
+    "batch_size": "preference pairs per micro-batch (two sequences each)",
+    "max_steps": "optimizer steps; 0 = run --epochs epochs (default: 40 on the embedded task, else 0)",
+    "eval_max_examples": "held-out pairs scored before and after training; 0 = all (default: 150 on the embedded task)",
+    "eval_batch_size": "pairs per batch when scoring held-out pairs",
+    "output_dir": "where the reward model (adapter/), metrics.jsonl, curve.png, scores.png and summary.json go",
+}
+
+
+def _help_text(name: str, default, helps: dict | None = None) -> str:
+    text = (helps or {}).get(name) or _HELP[name]
     if "default" in text or default is dataclasses.MISSING or default is None:
         return text
     shown = " ".join(default) if isinstance(default, list) else default
@@ -105,15 +122,16 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, config_cls=None, helps: dict | None = None) -> None:
     from .train.config import SFTConfig
 
-    hints = typing.get_type_hints(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):
+    config_cls = config_cls or SFTConfig
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        help_txt = _help_text(f.name, f.default)
+        help_txt = _help_text(f.name, f.default, helps)
         # SUPPRESS: only flags actually given override the YAML file / the dataclass defaults.
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_txt)
         if f.name == "resume":  # --resume, --resume=auto, --no-resume
@@ -148,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--threads", type=_positive_int, default=None,
                      help="torch CPU threads, >= 1 (default: torch's choice)")
     _add_config_flags(sft)
+
+    from .train.reward import RewardConfig
+
+    rm = sub.add_parser("rm", help="reward model on the shared 4-bit base (no arguments: the embedded healthcare pairs)")
+    rm.add_argument("--config", help="YAML file of RewardConfig options; flags override it (default: none)")
+    rm.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch CPU threads, >= 1 (default: torch's choice)")
+    _add_config_flags(rm, RewardConfig, _RM_HELP)
 
     merge = sub.add_parser("merge", help="merge an adapter into its dequantized base; write a 16-bit model")
     merge.add_argument("--adapter", required=True, help="PEFT adapter dir (e.g. runs/sft/adapter)")
@@ -214,21 +240,32 @@ def _add_generate_parsers(sub) -> None:
                            help="below this probability an example is marked for human review (default 0.9)")
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from .train import SFTConfig, sft
-
+def _run_trainer(args: argparse.Namespace, config_cls, run) -> int:
+    """Build ``config_cls`` from --config and the flags given (flags win) and call ``run``."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads", "debug")}
     if args.config:
-        cfg = SFTConfig.from_yaml(args.config, **overrides)
+        cfg = config_cls.from_yaml(args.config, **overrides)
     else:
-        cfg = SFTConfig.from_dict(overrides, source="command line")
+        cfg = config_cls.from_dict(overrides, source="command line")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     with _launched_by_torchrun():
-        sft(cfg)
+        run(cfg)
     return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .train import SFTConfig, sft
+
+    return _run_trainer(args, SFTConfig, sft)
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from .train.reward import RewardConfig, reward
+
+    return _run_trainer(args, RewardConfig, reward)
 
 
 @contextlib.contextmanager
@@ -292,7 +329,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
+    handler = {"sft": _cmd_sft, "rm": _cmd_rm, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
                "generate": _cmd_generate, "predict": _cmd_generate}[args.command]
     debug = getattr(args, "debug", False)
     try:

@@ -588,14 +588,32 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, ver
     try:
         device = next(p.device for p in model.parameters())
         weights = load_file(adapter_file, device=str(device))
-        tensors = load_file(path / TENSORS_FILE)
-        doc = json.loads((path / STATE_FILE).read_text())
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
+    except (SafetensorError, FileNotFoundError) as e:
         raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from None
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(path, f"does not fit this model: unexpected keys {unexpected[:5]}")
+    return load_training_state(path, optimizer, scheduler, verify=False)
+
+
+def load_training_state(path: str | os.PathLike, optimizer, scheduler, *, verify: bool = True) -> dict:
+    """The part of :func:`load_checkpoint` after the adapter weights: optimizer, scheduler, RNG and
+    the trainer dict. For trainers whose checkpoint ``adapter/`` is not a plain PEFT adapter (the
+    reward model's sequence-classification export): they restore it themselves, then call this."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if verify:
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(path, problem)
+    try:
+        tensors = load_file(path / TENSORS_FILE)
+        doc = json.loads((path / STATE_FILE).read_text())
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
+        raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from None
     state = decode_state(doc["state"], tensors)
     _load_optimizer(optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

@@ -544,7 +544,7 @@ def _flat(d: dict) -> dict:
 
 
 # ------------------------------------------------------------------ reporting
-def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
+def plot_curve(metrics_path: str | Path, png_path: str | Path, title: str = "fastlora sft") -> Path:
     """Train loss per step, eval loss and eval accuracy, from metrics.jsonl, to a PNG (written atomically)."""
     import matplotlib
 
@@ -581,7 +581,7 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
         handles, labels = handles + h2, labels + l2
     if handles:
         ax.legend(handles, labels, loc="upper right")
-    ax.set_title("fastlora sft")
+    ax.set_title(title)
     fig.tight_layout()
     import io
 
@@ -618,18 +618,18 @@ _SUMMARY_ROWS = (
 )
 
 
-def format_summary(summary: dict) -> list[tuple[str, str]]:
+def format_summary(summary: dict, spec=_SUMMARY_ROWS) -> list[tuple[str, str]]:
     rows = []
-    for key, label, fmt in _SUMMARY_ROWS:
+    for key, label, fmt in spec:
         v = summary.get(key)
         rows.append((label, "n/a" if v is None else fmt.format(v)))
     return rows
 
 
-def print_summary(summary: dict, *, file=None) -> None:
+def print_summary(summary: dict, spec=_SUMMARY_ROWS, title: str = "fastlora sft", *, file=None) -> None:
     import sys
 
-    rows = format_summary(summary)
+    rows = format_summary(summary, spec)
     file = file if file is not None else sys.stdout
     try:
         from rich.console import Console as RichConsole
@@ -640,7 +640,7 @@ def print_summary(summary: dict, *, file=None) -> None:
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), file=file, flush=True)
         return
-    table = Table(title="fastlora sft")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in rows:
