@@ -75,19 +75,28 @@ def test_reward_run_outputs_resume_and_transformers_loading(tiny_model_dir, pref
     # a checkpoint head of the wrong size is refused, naming the file; nothing is lost
     from safetensors.torch import load_file, save_file
 
+    from fastlora.train import checkpoint as ckpt
+
     f = part / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors"
-    good = f.read_bytes()
+    manifest = f.parents[1] / ckpt.MANIFEST
+    good, good_manifest = f.read_bytes(), manifest.read_bytes()
     state = load_file(str(f))
     state["base_model.model.score.weight"] = torch.zeros(1, 64)
     save_file(state, str(f))
     files_before = sorted(p.relative_to(part) for p in part.rglob("*"))
     metrics_before = (part / "metrics.jsonl").read_text()
+    # an altered file no longer matches the checkpoint's checksums: named as damaged
+    with pytest.raises(ckpt.CheckpointError, match=r"step-000002/adapter/adapter_model.safetensors is damaged"):
+        reward(_cfg(tiny_model_dir, prefs, part, save_every=2, resume=True))
+    # a consistent checkpoint whose head does not fit (another model's): the head check names it
+    ckpt._write_manifest(f.parents[1])
     with pytest.raises(ValueError, match=r"step-000002/adapter/adapter_model.safetensors: head of role 'reward' "
                                          r"has shape \(1, 64\)"):
         reward(_cfg(tiny_model_dir, prefs, part, save_every=2, resume=True))
     assert sorted(p.relative_to(part) for p in part.rglob("*")) == files_before
     assert (part / "metrics.jsonl").read_text() == metrics_before
     f.write_bytes(good)
+    manifest.write_bytes(good_manifest)
 
     resumed = reward(_cfg(tiny_model_dir, prefs, part, save_every=2, resume=True))
     assert resumed["steps"] == 4
