@@ -217,7 +217,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
         shutil.rmtree(stale, ignore_errors=True)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        save_trainable(model, tmp / "adapter")
         torch.save(
             {
                 "step": step,
@@ -241,7 +241,15 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .peft_methods import WEIGHTS_FILE, load_trainable_state, own_method
+
     path = Path(path)
+    if own_method(model) is not None:  # the bottleneck adapter or BitFit
+        adapter_file = path / "adapter" / WEIGHTS_FILE
+        if not adapter_file.is_file() or not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete (missing adapter or {STATE_FILE})")
+        load_trainable_state(model, path / "adapter")
+        return _load_state(path, optimizer, scheduler)
     adapter_file = path / "adapter" / "adapter_model.safetensors"
     if not adapter_file.is_file() or not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete (missing adapter or {STATE_FILE})")
@@ -250,6 +258,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"checkpoint {str(path)!r} does not fit this model: unexpected keys {unexpected[:5]}")
+    return _load_state(path, optimizer, scheduler)
+
+
+def _load_state(path: Path, optimizer, scheduler) -> dict:
     # weights_only=False: the state holds Python RNG tuples and our own trainer dict.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -258,6 +270,13 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     return state["trainer"] | {"step": state["step"]}
 
 
+def save_trainable(model, directory) -> None:
+    from .peft_methods import save_trainable as save
+
+    save(model, directory)
+
+
 def save_adapter(model, target: str | os.PathLike) -> Path:
-    """PEFT-format adapter (adapter_model.safetensors + adapter_config.json), written atomically."""
-    return write_dir_atomic(target, lambda tmp: model.save_pretrained(tmp))
+    """The trained adapter, written atomically: PEFT's format (adapter_model.safetensors +
+    adapter_config.json), or fastlora's for the bottleneck adapter and BitFit."""
+    return write_dir_atomic(target, lambda tmp: save_trainable(model, tmp))

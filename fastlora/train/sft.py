@@ -158,7 +158,8 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     if resume_from is not None:
         ckpt.check_resume_config(out, cfg.to_dict())
     data = load_data(cfg)
-    from .model import (add_lora, apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
+    from .peft_methods import add_peft
+    from .model import (apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
                         resolve_model_path)
 
     device = resolve_device(cfg.device)
@@ -200,8 +201,10 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
 
     # ---- model
     base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
-    model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+    model, peft_info = add_peft(base, cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
+                                adapter_dim=cfg.adapter_dim, gradient_checkpointing=cfg.gradient_checkpointing,
+                                log=log)
     patch_report = apply_patch(model, cfg.patch)
     if patch_report:
         log(patch_report["text"])
@@ -211,7 +214,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
 
     # ---- the output dir is created only now that every input checked out
     run_info = {"config": cfg.to_dict(), "model_path": str(model_path), "device": str(device), "dtype": str(dtype),
-                "total_steps": total_steps, "patch_report": patch_report}
+                "total_steps": total_steps, "patch_report": patch_report, "peft": peft_info}
     if resume_from is None:
         ckpt.init_output_dir(out, run_info)
     metrics_path = out / "metrics.jsonl"
@@ -372,6 +375,7 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
         "total_cpu_seconds": time.process_time() - cpu_start,
         "adapter": str(adapter_dir),
         "patch_report": patch_report,
+        "peft": peft_info,
     }
     ckpt.append_jsonl(metrics_path, {"step": step, "event": "after", **_flat(after),
                                      **({"eval_loss": final["loss"]} if final else {})})
