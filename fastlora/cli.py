@@ -1,4 +1,4 @@
-"""The ``fastlora`` command: ``sft``, ``merge``, ``bench`` and ``info``.
+"""The ``fastlora`` command: ``sft``, ``merge``, ``bench``, ``compare`` and ``info``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", nargs="+", default=None)
     bench.add_argument("--results-dir", default=None)
 
+    cmp = sub.add_parser("compare", help="PEFT methods side by side on one task: a measured table and plot "
+                                         "(no arguments: every method on the embedded healthcare task)")
+    cmp.add_argument("--peft", default=None,
+                     help="comma-separated methods (default: all: lora,ia3,prefix,adapter,bitfit,prompt,dora)")
+    cmp.add_argument("--output-dir", default="runs/compare")
+    cmp.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    for flag, kind in (("--model", str), ("--max-steps", int), ("--test-max-examples", int), ("--batch-size", int)):
+        cmp.add_argument(flag, type=kind, default=None, help="passed to every run (see fastlora sft --help)")
+    cmp.add_argument("--data", nargs="+", default=None, help="passed to every run (see fastlora sft --help)")
+
     sub.add_parser("info", help="print the backends available on this machine")
     return parser
 
@@ -120,6 +130,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(**kwargs)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import CompareConfig, compare
+
+    keys = ("model", "max_steps", "test_max_examples", "batch_size", "data")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    methods = {"methods": args.peft} if args.peft else {}
+    compare(CompareConfig(output_dir=args.output_dir, threads=args.threads, sft_options=options, **methods))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .backend import backend_info
 
@@ -130,7 +150,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
+               "compare": _cmd_compare}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
