@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated methods (default: all: lora,ia3,prefix,adapter,bitfit,prompt,dora)")
     cmp.add_argument("--output-dir", default="runs/compare")
     cmp.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    cmp.add_argument("--jobs", type=int, default=1, help="methods run at a time (default 1: clean timings)")
     for flag, kind in (("--model", str), ("--max-steps", int), ("--test-max-examples", int), ("--batch-size", int)):
         cmp.add_argument(flag, type=kind, default=None, help="passed to every run (see fastlora sft --help)")
     cmp.add_argument("--data", nargs="+", default=None, help="passed to every run (see fastlora sft --help)")
@@ -136,7 +137,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     keys = ("model", "max_steps", "test_max_examples", "batch_size", "data")
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     methods = {"methods": args.peft} if args.peft else {}
-    compare(CompareConfig(output_dir=args.output_dir, threads=args.threads, sft_options=options, **methods))
+    compare(CompareConfig(output_dir=args.output_dir, threads=args.threads, jobs=args.jobs, sft_options=options,
+                          **methods))
     return 0
 
 

@@ -27,6 +27,7 @@ class CompareConfig:
     methods: Sequence[str] = COMPARED
     output_dir: str = "runs/compare"
     threads: int = 2  # torch CPU threads per run
+    jobs: int = 1  # runs at a time (on a shared machine, more jobs get more of its CPU; times are then per job)
     # passed to every SFTConfig (same data, steps and evaluation for all methods)
     sft_options: dict = dataclasses.field(default_factory=dict)
 
@@ -37,6 +38,8 @@ class CompareConfig:
             raise ValueError("compare: no method given")
         for m in self.methods:
             check_method(m)
+        if self.jobs < 1 or self.threads < 1:
+            raise ValueError(f"compare: jobs and threads must be >= 1, got {self.jobs} and {self.threads}")
         bad = sorted({"peft", "output_dir", "resume"} & set(self.sft_options))
         if bad:
             raise ValueError(f"compare: options {bad} are set per method by compare itself")
@@ -61,15 +64,27 @@ def _child(method: str, options: dict, threads: int, queue) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_one(method: str, options: dict, threads: int) -> dict:
+def _start(method: str, options: dict, threads: int):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    t0 = time.perf_counter()
     proc = ctx.Process(target=_child, args=(method, options, threads, queue))
     proc.start()
-    status, payload = queue.get()
+    return proc, queue, time.perf_counter()
+
+
+def _finish(method: str, proc, queue, t0: float) -> dict:
+    import queue as queue_mod
+
+    while True:
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():  # killed (e.g. out of memory) before it could report
+                status, payload = "error", f"the run's process died with exit code {proc.exitcode}"
+                break
     proc.join()
     row: dict[str, Any] = {"method": method, "wall_seconds": time.perf_counter() - t0}
     if status == "ok":
@@ -85,17 +100,27 @@ def compare(config: CompareConfig | None = None, **kw) -> list[dict]:
     if ckpt.holds_run(out) or (out / "compare.json").exists():
         raise ValueError(f"output dir {str(out)!r} already holds a comparison; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, method in enumerate(cfg.methods):
-        print(f"[compare {i + 1}/{len(cfg.methods)}] {method} (lr {DEFAULT_LR[method]:g}) ...", flush=True)
-        options = {**cfg.sft_options, "output_dir": str(out / method)}
-        row = run_one(method, options, cfg.threads)
-        rows.append(_row(row))
+    methods = list(cfg.methods)
+    results: dict[str, dict] = {}
+    running: list[tuple[str, Any, Any, float]] = []
+    pending = list(methods)
+    while pending or running:
+        while pending and len(running) < cfg.jobs:
+            method = pending.pop(0)
+            i = methods.index(method)
+            print(f"[compare {i + 1}/{len(methods)}] {method} (lr {DEFAULT_LR[method]:g}) ...", flush=True)
+            options = {**cfg.sft_options, "output_dir": str(out / method)}
+            running.append((method, *_start(method, options, cfg.threads)))
+        method, proc, queue, t0 = running.pop(0)  # in order: the table's rows come in order
+        row = _finish(method, proc, queue, t0)
+        results[method] = _row(row)
         print(f"[compare] {method}: " + ("error: " + row["error"] if "error" in row else
                                          f"accuracy {_pct(row.get('accuracy_before'))} -> "
                                          f"{_pct(row.get('accuracy_after'))}, {row['wall_seconds']:.0f} s"),
               flush=True)
+        rows = [results[m] for m in methods if m in results]
         ckpt.write_json_atomic(out / "compare.json", rows)  # partial results survive an interruption
+    rows = [results[m] for m in methods]
     ckpt.write_text_atomic(out / "compare.md", format_table(rows))
     try:
         plot(rows, out / "compare.png")
