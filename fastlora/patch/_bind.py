@@ -1,6 +1,6 @@
 """Binding and restoring forwards on module instances.
 
-A patched module gets a new forward bound on the instance with ``types.MethodType``;
+A patched module gets a new forward set on the instance (a :class:`BoundForward`);
 its class and every other instance are untouched. What ran before is kept in a
 ``_PatchState`` in the instance ``__dict__``, so ``unpatch`` can put it back exactly
 (deleting our instance attribute when the class forward was in use).
@@ -23,7 +23,7 @@ ran before us. Conversely we never wrap an instance forward someone else install
 from __future__ import annotations
 
 import dataclasses
-import types
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -54,18 +54,36 @@ def _forward_attr(module: torch.nn.Module) -> str:
 
 
 def _entry(self: torch.nn.Module, *args, **kwargs):
-    # The one function bound on patched instances: runs the handler while patched, and
-    # what ran before us once detached by unpatch (see the module docstring).
+    # Runs the handler while patched, and what ran before us once detached by unpatch
+    # (see the module docstring).
     st = self.__dict__.get(STATE_ATTR)
     if st is not None:
         return st.fn(self, *args, **kwargs)
     return self.__dict__[DETACHED_ATTR].original(*args, **kwargs)
 
 
+class BoundForward:
+    """The forward of a patched instance: calls :func:`_entry` on its module.
+
+    It carries the signature of the forward it replaced: transformers' ``generate``
+    validates its keyword arguments against ``inspect.signature(model.forward)``, and
+    PEFT's prompt tuning passes ``input_ids`` beside ``inputs_embeds`` there.
+    ``copy.deepcopy`` of the module copies this object with it, pointing at the copy.
+    """
+
+    def __init__(self, module: torch.nn.Module, signature: inspect.Signature | None):
+        self.module = module
+        if signature is not None:
+            self.__signature__ = signature
+
+    def __call__(self, *args, **kwargs):
+        return _entry(self.module, *args, **kwargs)
+
+
 def is_ours(module: torch.nn.Module, attr: str | None = None) -> bool:
     """True when ``module``'s effective forward is the one we bound (not wrapped since)."""
     v = module.__dict__.get(attr or _forward_attr(module))
-    return isinstance(v, types.MethodType) and v.__func__ is _entry and v.__self__ is module
+    return isinstance(v, BoundForward) and v.module is module
 
 
 def foreign_forward(module: torch.nn.Module) -> str | None:
@@ -104,9 +122,13 @@ def bind(module: torch.nn.Module, kind: str, fn: Callable, extra: Any = None) ->
         extra=extra,
         fn=fn,
     )
+    try:
+        signature = inspect.signature(st.original)
+    except (TypeError, ValueError):  # a callable without a readable signature
+        signature = None
     module.__dict__.pop(DETACHED_ATTR, None)
     module.__dict__[STATE_ATTR] = st
-    module.__dict__[attr] = types.MethodType(_entry, module)
+    module.__dict__[attr] = BoundForward(module, signature)
 
 
 def restore(module: torch.nn.Module) -> bool:

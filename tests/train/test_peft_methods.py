@@ -88,6 +88,12 @@ def test_method_trains_saves_reloads(tiny_dirs, tmp_path, method, family):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert all(not torch.equal(p, q) for p, q in zip(params, before)), "every trainable tensor moved"
 
+    model.eval()  # generation through the patched model (transformers checks its forward's signature)
+    with torch.no_grad():
+        gen = model.generate(input_ids=b["input_ids"][:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long),
+                             max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert gen.shape[-1] == 8
+
     out = tmp_path / "adapter"
     pm.save_trainable(model, out)
     ids = b["input_ids"][:1]
