@@ -216,7 +216,6 @@ SFT_CASES = [
     ("prompt_completion", False, "fp32", "after"),
     ("messages", True, "fp32+bf16-adapters", "before"),
     ("messages", False, "bf16", "after"),
-    ("prompt_completion", True, "bf16", "before"),
 ]
 
 
