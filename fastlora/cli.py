@@ -1,4 +1,4 @@
-"""The ``fastlora`` command: ``sft``, ``rm``, ``merge``, ``bench``, ``info``, ``generate`` and ``predict``.
+"""The ``fastlora`` command: ``sft``, ``rm``, ``merge``, ``bench``, ``compare``, ``info``, ``generate`` and ``predict``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -39,6 +39,10 @@ _HELP = {
     "packing": "pack several examples into each row of --max-length tokens (no padding, no cross-attention)",
     "general_mix": ("fraction of general chat data mixed into training, against forgetting "
                     "(default: 0.2 on the embedded task, else 0)"),
+    "peft": ("PEFT method: lora, dora, ia3, prefix, prompt, adapter (bottleneck), bitfit (biases; LN tuning "
+             "where the model has none) or ln"),
+    "num_virtual_tokens": "virtual tokens of prefix and prompt tuning",
+    "adapter_dim": "bottleneck width of --peft adapter",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
@@ -194,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results-dir", default=None,
                        help="where the results go (default: benchmarks/results of the checkout)")
 
+    cmp = sub.add_parser("compare", help="PEFT methods side by side on one task: a measured table and plot "
+                                         "(no arguments: every method on the embedded healthcare task)")
+    cmp.add_argument("--peft", default=None,
+                     help="comma-separated methods (default: all: lora,ia3,prefix,adapter,bitfit,prompt,dora)")
+    cmp.add_argument("--output-dir", default="runs/compare",
+                     help="where the table, plot and one run dir per method go (default: runs/compare)")
+    cmp.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads per run (default: 2)")
+    cmp.add_argument("--jobs", type=_positive_int, default=1,
+                     help="methods run at a time (default: 1, for clean timings)")
+    for flag, kind in (("--model", str), ("--max-steps", int), ("--test-max-examples", int), ("--batch-size", int)):
+        cmp.add_argument(flag, type=kind, default=None,
+                         help="passed to every run (default: each run's own; see fastlora sft --help)")
+    cmp.add_argument("--data", nargs="+", default=None,
+                     help="passed to every run (default: the embedded task; see fastlora sft --help)")
+
     sub.add_parser("info", help="print the backends available on this machine")
     _add_generate_parsers(sub)
     # Every subcommand, including those added above this line by other modules' helpers, gets --debug.
@@ -306,6 +325,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(**kwargs)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import CompareConfig, compare
+
+    keys = ("model", "max_steps", "test_max_examples", "batch_size", "data")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    methods = {"methods": args.peft} if args.peft else {}
+    compare(CompareConfig(output_dir=args.output_dir, threads=args.threads, jobs=args.jobs, sft_options=options,
+                          **methods))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .backend import backend_info
 
@@ -330,7 +360,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"sft": _cmd_sft, "rm": _cmd_rm, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
-               "generate": _cmd_generate, "predict": _cmd_generate}[args.command]
+               "generate": _cmd_generate, "predict": _cmd_generate, "compare": _cmd_compare}[args.command]
     debug = getattr(args, "debug", False)
     try:
         return handler(args)

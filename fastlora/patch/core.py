@@ -8,10 +8,10 @@ a GPU profile to show they pay.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import sys
+import warnings
 
 from torch import nn
 
@@ -47,20 +47,63 @@ def _patch_lora_layers(model: nn.Module, report: PatchReport, backend) -> None:
     for name, m in model.named_modules():
         if lora.is_lora_layer(m):
             wrapped.add(id(m.get_base_layer()))
+    n_lora = 0
+    other = False  # another PEFT method trains this model (its layers run their own forward)
     for name, m in model.named_modules():
         if lora.is_lora_layer(m):
-            why = why_ops or lora.unsupported_reason(m)
+            n_lora += 1
+            st = _bind.state(m)
+            if st is not None:  # patched by an earlier call
+                if _bind.is_ours(m, st.attr):
+                    report.add_patched(st.kind)
+                else:
+                    report.add_fallback(name, "lora", f"a forward installed after fastlora's "
+                                        f"({_bind.foreign_forward(m)}) wraps it")
+                continue
+            foreign = _bind.foreign_forward(m)
+            why = why_ops or lora.unsupported_reason(m) or (
+                foreign and f"another library installed its own forward on this layer ({foreign}); "
+                "fastlora does not wrap a forward whose contract it does not know")
             if why is not None:
                 report.add_fallback(name, "lora", why)
                 continue
             report.add_patched(lora.patch_layer(m, backend))
         elif _is_other_tuner_layer(m):
-            report.add_fallback(name, "peft", f"PEFT tuner layer {type(m).__name__} is not a LoRA layer")
+            other = True
+            report.add_kept(f"PEFT {type(m).__name__}", "not a LoRA layer: PEFT's own forward runs "
+                            "(fastlora fuses LoRA only)")
+        elif getattr(type(m), "fastlora_kept_reason", None):  # e.g. fastlora's bottleneck adapter
+            other = True
+            report.add_kept(type(m).__name__, type(m).fastlora_kept_reason)
         elif linear4bit is not None and isinstance(m, linear4bit) and id(m) not in wrapped:
             report.add_kept(
                 "bnb Linear4bit without LoRA",
                 "bitsandbytes forward kept (frozen layer: dequantize + matmul, as fastlora would)",
             )
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if getattr(peft_cfg, "is_prompt_learning", False):
+        other = True
+        report.add_kept(f"PEFT {peft_cfg.peft_type.value.lower()}", "virtual tokens / key-value prefixes added "
+                        "by PeftModel's own forward (nothing to fuse; the frozen layers run as before)")
+    if "_fastlora_peft" in model.__dict__:  # BitFit's biases: trained inside the frozen layers' forward
+        other = True
+        report.add_kept("BitFit biases", "trained in place; the layers holding them run their own forward")
+    if n_lora == 0 and not other:
+        msg = ("no PEFT LoRA layer found: nothing to fuse yet. If LoRA is added later (get_peft_model, "
+               "or a TRL trainer's peft_config), call fastlora.patch(model) again after that, e.g. "
+               "fastlora.patch(trainer.model) once the trainer is built")
+        if report.kept.get("bnb Linear4bit without LoRA", (0, ""))[0]:
+            # a 4-bit base before LoRA is added: the QLoRA layers are not accelerated
+            report.add_fallback("", "lora", msg)
+        else:
+            report.notes.append(msg)
+
+
+def _trl_reason(where: str) -> str:
+    if "add_fused_lm_head" in where:
+        return ("TRL's fused LM head (trl add_fused_lm_head) computes the loss and per-token "
+                "log-probs in chunks without the logits and returns outputs.log_probs; kept as is")
+    return f"another library's forward ({where}) is installed on the model; kept as is"
 
 
 def _patch_heads(model: nn.Module, report: PatchReport, backend, verify: bool) -> None:
@@ -68,6 +111,19 @@ def _patch_heads(model: nn.Module, report: PatchReport, backend, verify: bool) -
     for name, m in model.named_modules():
         if not head.is_causal_lm(m):
             continue
+        st = _bind.state(m)
+        if st is not None:  # patched by an earlier call
+            if _bind.is_ours(m, st.attr):
+                report.add_patched(st.kind)
+            else:
+                where = _bind.foreign_forward(m)
+                report.add_kept("causal-LM head", _trl_reason(where) + "; it was installed over "
+                                "fastlora's head, which now runs only when that forward delegates to it")
+            return
+        foreign = _bind.foreign_forward(m)
+        if foreign is not None:
+            report.add_kept("causal-LM head", _trl_reason(foreign) + "; fastlora's head is not installed")
+            return
         if why_ops:
             report.add_fallback(name, "head", why_ops)
             return
@@ -104,31 +160,47 @@ def patch(
     ``verify_head``: check the head spec against one tiny eval forward (recommended).
 
     bitsandbytes weights are always protected from CPU repacking (see
-    :func:`protect_bnb_weights`). Patching a patched model is a no-op, reported as such.
+    :func:`protect_bnb_weights`).
+
+    Any order works: before or after a trainer is built, before or after LoRA is added.
+    Calling it again patches what was added since (LoRA layers PEFT or a TRL trainer
+    added) and returns a report of the model as it is now (``already_patched`` set).
+    A forward another library installed on the instance (TRL's fused LM head) is kept
+    and reported, never wrapped. When nothing is accelerated the report says so
+    (``report.ok`` is False) and a warning is issued.
     """
     b = Backend.parse(backend)
     report = PatchReport(backend=(b or Backend.AUTO).value, backend_info=backend_info())
     report.protected = lora_mod.protect_bnb_weights(model)
     previous = model.__dict__.get(_REPORT_ATTR)
-    if previous is not None or any(_bind.state(m) is not None for m in model.modules()):
-        if previous is not None:
-            report = copy.copy(previous)
-            report.protected = lora_mod.protect_bnb_weights(model)
-        report.already_patched = True
-        logger.info("fastlora.patch: model already patched; nothing done")
-        return report
+    report.already_patched = previous is not None or any(_bind.state(m) is not None for m in model.modules())
+    if report.already_patched and previous is not None:
+        # the options of the first call stay in force (a module is patched once)
+        b, lora, loss = Backend.parse(previous.backend), previous.options["lora"], previous.options["loss"]
+        report.backend = previous.backend
+    report.options = {"lora": lora, "loss": loss}
     fwd_backend = None if b in (None, Backend.AUTO) else b
+    # A second call patches what was added since (LoRA layers added after the first call)
+    # and describes the model as it is now (e.g. a head another library installed since).
     if loss:
         _patch_heads(model, report, fwd_backend, verify_head)
     if lora:
         _patch_lora_layers(model, report, fwd_backend)
     model.__dict__[_REPORT_ATTR] = report
+    if report.nothing_accelerated or any(f.kind == "lora" and not f.name for f in report.fallbacks):
+        what = "nothing" if report.nothing_accelerated else "no LoRA layer"
+        warnings.warn(f"fastlora.patch accelerated {what} on {type(model).__name__}:\n{report}", stacklevel=2)
     report.log()
     return report
 
 
 def unpatch(model: nn.Module) -> int:
     """Restore every forward ``patch`` replaced; returns how many modules changed.
+
+    Each module gets back exactly the forward it had before ``patch`` (its class
+    forward, or an instance forward another library had installed). Where another
+    library installed its forward after ``patch``, wrapping ours, theirs stays and ours,
+    which they call, runs what ran before ``patch``.
 
     The bitsandbytes repack guard stays on: turning it off again would re-expose the
     model to the in-place CPU repack that breaks training.

@@ -15,8 +15,14 @@ them. PEFT's state is read at every call, so ``disable_adapter()``, ``merge_adap
 Numerics follow PEFT + bitsandbytes: x is cast to the base layer's compute dtype (bnb's
 ``compute_dtype`` rule, or the autocast dtype under autocast), the LoRA product runs in
 the adapter weights' dtype (fp32 adapters on a bf16 model stay fp32, as in PEFT; under
-autocast they are cast to the autocast dtype, as F.linear would), and the output comes
-back in x's dtype.
+autocast they are cast to the autocast dtype, as F.linear would), and the output has
+PEFT's dtype: x's dtype over bnb (which casts back), the autocast dtype over an
+``nn.Linear`` under autocast. Under autocast with an x wider than the autocast dtype
+(an fp32 model trained with bf16 autocast), PEFT rounds the base output and the LoRA
+output separately and adds them in x's dtype; the patched layer then runs the NF4 base
+alone and the LoRA terms as PEFT's modules, so a patched bf16 run is PEFT's bf16 run;
+likewise for adapters narrower than the compute dtype (TRL's bf16 QLoRA adapters on an
+fp32 model).
 """
 from __future__ import annotations
 
@@ -217,26 +223,54 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
 
     first, rest = adapters[0], adapters[1:]
     autocast = torch.is_autocast_enabled(x.device.type)
-    ad = cd if autocast else self.lora_A[first].weight.dtype
-    drop = self.lora_dropout[first]
-    p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
-    with torch.autocast(x.device.type, enabled=False):
-        out = lora_linear(
-            xc,
-            weight,
-            self.lora_A[first].weight.to(ad),
-            self.lora_B[first].weight.to(ad),
-            scaling=self.scaling[first],
-            bias=bias,
-            dropout=p,
-            # a plain base weight has one path (torch's matmuls): the choice is NF4's
-            **({} if st.extra is None or kind != KIND_NF4 else {"backend": st.extra}),
-        )
-    out = out.to(x.dtype)
+    extra = {} if st.extra is None or kind != KIND_NF4 else {"backend": st.extra}
+    # a plain base weight has one path (torch's matmuls): the backend choice is NF4's
+    lora_dtype = self.lora_A[first].weight.dtype
+    if (autocast and kind == KIND_NF4 and x.dtype != cd) or (
+        not autocast and lora_dtype.is_floating_point and lora_dtype.itemsize < cd.itemsize
+    ):
+        # PEFT rounds the LoRA output to a narrower dtype than the base output here:
+        # under autocast with a wider x (bnb rounds the base output to the autocast
+        # dtype and casts it back to x's dtype, PEFT adds the LoRA output in the
+        # autocast dtype), or with adapters narrower than the compute dtype (TRL casts
+        # QLoRA adapters to bf16 on an fp32 model). Fusing the LoRA term would round
+        # differently, and the narrower casts of its gradients turn the fused sum's
+        # last-bit differences into bf16-sized ones. So the base runs alone (the NF4
+        # read stays fused; scaling 0 adds nothing) and the LoRA terms run as PEFT's
+        # own modules: the patched run is PEFT's run.
+        with torch.autocast(x.device.type, enabled=False):
+            out = lora_linear(
+                xc, weight, self.lora_A[first].weight.detach().to(cd), self.lora_B[first].weight.detach().to(cd),
+                scaling=0.0, bias=bias, dropout=0.0, **extra,
+            )
+        out = out.to(x.dtype)
+        rest = adapters
+    else:
+        ad = cd if autocast else lora_dtype
+        drop = self.lora_dropout[first]
+        p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
+        with torch.autocast(x.device.type, enabled=False):
+            out = lora_linear(
+                xc,
+                weight,
+                self.lora_A[first].weight.to(ad),
+                self.lora_B[first].weight.to(ad),
+                scaling=self.scaling[first],
+                bias=bias,
+                dropout=p,
+                **extra,
+            )
+        # PEFT's dtype: bnb casts its output back to x's dtype; an nn.Linear under
+        # autocast returns the autocast dtype, and PEFT adds the LoRA term in it.
+        if not (autocast and kind == KIND_LINEAR):
+            out = out.to(x.dtype)
     for a in rest:  # as PEFT adds each further adapter
         lora_A, lora_B = self.lora_A[a], self.lora_B[a]
-        xa = x.to(lora_A.weight.dtype)  # input casting is on (checked above)
-        out = out + (lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]).to(out.dtype)
+        if autocast:  # PEFT does no casting under autocast: the linears cast, + promotes
+            out = out + lora_B(lora_A(self.lora_dropout[a](x))) * self.scaling[a]
+        else:
+            xa = x.to(lora_A.weight.dtype)  # input casting is on (checked above)
+            out = out + (lora_B(lora_A(self.lora_dropout[a](xa))) * self.scaling[a]).to(out.dtype)
     return out
 
 

@@ -2,8 +2,8 @@
 
 A report is built while patching and never afterwards. ``str(report)`` is a short
 table; ``report.fallbacks`` lists every module that kept its original forward and the
-reason; ``report.ok`` is True when nothing the patcher was asked to accelerate fell
-back. It is also logged once, on the ``fastlora`` logger, so a fallback is never silent.
+reason; ``report.ok`` is True when something was accelerated and nothing the patcher
+was asked to accelerate fell back (a patch that accelerates nothing is not ok). It is also logged once, on the ``fastlora`` logger, so a fallback is never silent.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class PatchReport:
     are (not an error: e.g. bitsandbytes layers without LoRA). ``protected``: bnb
     ``Linear4bit`` layers guarded against bitsandbytes' in-place CPU repacking.
     ``already_patched``: True when the model was patched before and this call was a
-    no-op. ``notes``: numerics the user should know about (e.g. a dtype choice).
+    no-op. ``notes``: what the user should know (e.g. no LoRA layer yet).
+    ``nothing_accelerated``: no module runs a fastlora op (``ok`` is then False).
     """
 
     patched: Counter = dataclasses.field(default_factory=Counter)
@@ -47,10 +48,15 @@ class PatchReport:
     backend: str = "auto"
     backend_info: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    options: dict = dataclasses.field(default_factory=lambda: {"lora": True, "loss": True})
+
+    @property
+    def nothing_accelerated(self) -> bool:
+        return not any(self.patched.values())
 
     @property
     def ok(self) -> bool:
-        return not self.fallbacks
+        return not self.fallbacks and not self.nothing_accelerated
 
     def add_patched(self, kind: str) -> None:
         self.patched[kind] += 1
@@ -71,10 +77,11 @@ class PatchReport:
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         w2 = max(len(r[2]) for r in rows)
-        head = "fastlora.patch: " + (
-            "already patched (no-op)" if self.already_patched
+        state = (
+            "NOTHING TO ACCELERATE" if self.nothing_accelerated
             else ("ok" if self.ok else f"{len(self.fallbacks)} fallback(s)")
         )
+        head = "fastlora.patch: " + state + (" (already patched: refreshed)" if self.already_patched else "")
         lines = [head]
         lines += [f"  {a:<{w0}}  {b:<{w1}}  {c:>{w2}}  {d}".rstrip() for a, b, c, d in rows]
         if self.fallbacks:

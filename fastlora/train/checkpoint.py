@@ -49,6 +49,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
 MANIFEST = "checksums.json"
+_OWN_WEIGHTS_FILE = "fastlora_peft.safetensors"  # peft_methods.WEIGHTS_FILE (kept import-free here)
 LEGACY_STATE_FILE = "trainer_state.pt"  # pickled state of fastlora <= 2026-11-30: never loaded
 CHECKPOINT_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -516,7 +517,9 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         return f"{MANIFEST} is missing: the checkpoint is incomplete"
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return f"{path / MANIFEST} is damaged"
-    for required in ("adapter/adapter_model.safetensors", TENSORS_FILE, STATE_FILE):
+    adapter = ("adapter/adapter_model.safetensors" if "adapter/adapter_model.safetensors" in files
+               else f"adapter/{_OWN_WEIGHTS_FILE}")  # PEFT's format, or fastlora's own (bottleneck, BitFit)
+    for required in (adapter, TENSORS_FILE, STATE_FILE):
         if required not in files:
             return f"{MANIFEST} does not list {required}: the checkpoint is incomplete"
     for rel, meta in files.items():
@@ -550,7 +553,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
         shutil.rmtree(stale, ignore_errors=True)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        save_trainable(model, tmp / "adapter")
         tensors: dict[str, torch.Tensor] = {}
         state = {
             "optimizer": encode_state(optimizer.state_dict(), tensors, "optimizer"),
@@ -579,11 +582,19 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, ver
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .peft_methods import load_trainable_state, own_method
+
     path = Path(path)
     if verify:
         problem = verify_checkpoint(path)
         if problem is not None:
             raise CheckpointError(path, problem)
+    if own_method(model) is not None:  # the bottleneck adapter or BitFit: fastlora's own format
+        try:
+            load_trainable_state(model, path / "adapter")
+        except FileNotFoundError as e:
+            raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+        return load_training_state(path, optimizer, scheduler, verify=False)
     adapter_file = path / "adapter" / "adapter_model.safetensors"
     try:
         device = next(p.device for p in model.parameters())
@@ -635,8 +646,17 @@ def _load_optimizer(optimizer, saved: dict) -> None:
     optimizer.load_state_dict(saved)
 
 
+def save_trainable(model, directory, state_dict: dict | None = None) -> None:
+    if state_dict is not None:  # FSDP: the gathered tensors, in PEFT's format
+        model.save_pretrained(directory, state_dict=state_dict)
+        return
+    from .peft_methods import save_trainable as save
+
+    save(model, directory)
+
+
 def save_adapter(model, target: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """PEFT-format adapter (adapter_model.safetensors + adapter_config.json), written atomically.
+    """The trained adapter, written atomically: PEFT's format (adapter_model.safetensors +
+    adapter_config.json), or fastlora's for the bottleneck adapter and BitFit.
     ``state_dict``: the model's (trainable) tensors when the model's own are shards (FSDP)."""
-    kw = {} if state_dict is None else {"state_dict": state_dict}
-    return write_dir_atomic(target, lambda tmp: model.save_pretrained(tmp, **kw))
+    return write_dir_atomic(target, lambda tmp: save_trainable(model, tmp, state_dict))

@@ -52,6 +52,11 @@ class SFTConfig:
     packing: bool = False
     general_mix: float | None = None  # fraction of general chat records mixed into training (against forgetting)
 
+    # --- PEFT method (fastlora.train.peft_methods) ---
+    peft: str = "lora"  # lora | dora | ia3 | prefix | prompt | adapter | bitfit | ln
+    num_virtual_tokens: int = 16  # prefix / prompt tuning
+    adapter_dim: int = 32  # bottleneck adapter width
+
     # --- LoRA ---
     lora_r: int = 16
     lora_alpha: int = 32
@@ -109,8 +114,11 @@ class SFTConfig:
         self._check_choice("dtype", DTYPES)
         self._check_choice("eval_metric", EVAL_METRICS)
         self._check_choice("parallel", PARALLEL)
+        from .peft_methods import METHODS
+
+        self._check_choice("peft", METHODS)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens",
-                     "log_every"):
+                     "log_every", "num_virtual_tokens", "adapter_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 0:
@@ -137,7 +145,11 @@ class SFTConfig:
     def resolved(self) -> "SFTConfig":
         """A copy with every option left at None filled in: from :data:`EMBEDDED_TASK`
         when training the embedded default task (``data=None``), else from :data:`GENERIC`."""
-        preset = EMBEDDED_TASK if self.data is None else GENERIC
+        preset = dict(EMBEDDED_TASK if self.data is None else GENERIC)
+        if self.peft != "lora":  # each method's own learning rate (peft_methods.DEFAULT_LR)
+            from .peft_methods import DEFAULT_LR
+
+            preset["lr"] = DEFAULT_LR[self.peft]
         return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
 
     def _check_choice(self, name: str, choices: Sequence[str]) -> None:

@@ -72,6 +72,17 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return merged
 
 
+def _refusal(adapter: Path, cfg_file: Path) -> str | None:
+    from .peft_methods import CONFIG_FILE, is_own_adapter_dir, merge_refusal
+
+    if is_own_adapter_dir(adapter):
+        return merge_refusal(str(json.loads((adapter / CONFIG_FILE).read_text()).get("method")))
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+        return merge_refusal(str(cfg.get("peft_type", "LORA")), bool(cfg.get("use_dora", False)))
+    return None
+
+
 def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, model: str | os.PathLike | None = None,
           dtype: str = "bfloat16", cache_dir: str | os.PathLike | None = None, device: str = "auto") -> Path:
     """Write ``output``: the base model with ``adapter`` merged, as a 16-bit (``dtype``)
@@ -81,6 +92,9 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, model: str |
     docstring). ``output`` is written atomically and must not hold anything already."""
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"
+    refusal = _refusal(adapter, cfg_file)
+    if refusal:
+        raise ValueError(f"{adapter}: {refusal}")
     if not cfg_file.is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(
             f"adapter dir {str(adapter)!r} must hold adapter_config.json and adapter_model.safetensors "

@@ -165,7 +165,8 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool = False):
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool = False,
+             use_dora: bool = False):
     """Wrap ``model`` in PEFT LoRA. Named target modules that match no layer raise a
     ValueError listing the linear layer names that do exist."""
     from peft import LoraConfig, get_peft_model
@@ -183,7 +184,8 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, gradi
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none",
+        use_dora=use_dora,
     )
     try:
         return get_peft_model(model, config)

@@ -187,7 +187,8 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
 
     # Under torchrun a rank that cannot read its inputs ends every rank with its error.
     resume_from, data = dist.agree(check_inputs, "checking the output dir and reading the data")
-    from .model import (add_lora, apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
+    from .peft_methods import add_peft
+    from .model import (apply_patch, load_base, load_tokenizer, resolve_device, resolve_dtype,
                         resolve_model_path)
 
     device = dist.local_device(resolve_device(cfg.device))
@@ -244,8 +245,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
     # the device and keeps only its shard there, so the whole model never sits on one GPU.
     base = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
                      device=torch.device("cpu") if fsdp else device, quant_storage=dtype if fsdp else torch.uint8)
-    model = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=cfg.target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+    model, peft_info = add_peft(base, cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
+                                adapter_dim=cfg.adapter_dim, gradient_checkpointing=cfg.gradient_checkpointing,
+                                log=log)
     patch_report = apply_patch(model, cfg.patch)
     if patch_report:
         log(patch_report["text"])
@@ -263,7 +266,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
                 ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path),
                                                              device=str(device), dtype=str(dtype),
                                                              total_steps=total_steps, patch_report=patch_report,
-                                                             world_size=world))
+                                                             world_size=world, peft=peft_info))
     elif main:
         ckpt.clean_stale(out)
     metrics_path = out / "metrics.jsonl"
@@ -449,6 +452,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
         "adapter": str(adapter_dir),
         "patch_report": patch_report,
         "world_size": world,
+        "peft": peft_info,
     }
     if not main:
         return summary

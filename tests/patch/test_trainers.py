@@ -1,10 +1,9 @@
-"""A patched model in the trainers users have: transformers.Trainer (and TRL's
-SFTTrainer when installed), with gradient accumulation (num_items_in_batch)."""
-import pytest
+"""A patched model in transformers.Trainer, with gradient accumulation
+(num_items_in_batch). TRL's trainers: test_trl.py."""
 import torch
 
 import fastlora
-from tests.helpers import assert_close, has_module, requires_bnb
+from tests.helpers import assert_close, requires_bnb
 from tests.patch import tiny
 
 pytestmark = requires_bnb
@@ -56,18 +55,3 @@ def test_hf_trainer_trains_patched_model_like_unpatched(saved_models, tmp_path, 
     assert len(seen) == 4 * 2 and all(torch.is_tensor(n) and n > 0 for n in seen)
     moved = [n for n, p in pat.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(moved) == len(before)
-
-
-@pytest.mark.skipif(not has_module("trl"), reason="trl is not installed")
-def test_trl_sft_trainer(saved_models, tmp_path):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    pat = tiny.load_qlora(saved_models("llama"))
-    assert fastlora.patch(pat).ok
-    rows = [{"input_ids": r["input_ids"].tolist()} for r in _dataset()]
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
-    trainer = SFTTrainer(model=pat, args=args, train_dataset=Dataset.from_list(rows))
-    trainer.train()
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

@@ -114,3 +114,31 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 def trainable(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tokenizer():
+    """A character-level tokenizer whose ids fit the tiny vocabulary (pad 0, bos 1, eos 2),
+    with a chat template: what TRL's trainers need to tokenize text and messages."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789.,?!:;'\"{}()[]_-+=/")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
