@@ -29,7 +29,6 @@ _EXPORTS = {
     "value_loss": "fastlora.rl.ppo",
     "entropy_bonus": "fastlora.rl.ppo",
     "token_rewards": "fastlora.rl.ppo",
-    "last_valid_index": "fastlora.rl.ppo",
     "group_advantages": "fastlora.rl.ppo",
     "AdaptiveKLController": "fastlora.rl.ppo",
     "FixedKLController": "fastlora.rl.ppo",

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from .base import last_token_index
 from .math import masked_mean
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "value_loss",
     "entropy_bonus",
     "token_rewards",
-    "last_valid_index",
     "group_advantages",
     "AdaptiveKLController",
     "FixedKLController",
@@ -88,19 +88,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
 
 
 # --------------------------------------------------------------------------- rewards
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last valid token of each row; a row with none is an error."""
-    _check_bl(mask)
-    valid = mask != 0
-    empty = ~valid.any(1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"response length 0 in row(s) {rows[:10]}: every row needs at least one valid token")
-    L = mask.shape[1]
-    pos = torch.arange(L, device=mask.device).expand_as(valid)
-    return torch.where(valid, pos, -1).amax(1)
-
-
 def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                   beta: float, kind: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards (B, L): −β·kl at every valid token plus ``scores`` (B,) at the
@@ -114,7 +101,11 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     with torch.no_grad():
         kl = torch.where(mask != 0, kl_penalty(logp, ref_logp, kind), 0.0)
         rewards = -float(beta) * kl
-        last = last_valid_index(mask)
+        empty = (mask == 0).all(1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(f"response length 0 in row(s) {rows[:10]}: every row needs at least one valid token")
+        last = last_token_index(mask)
         rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.to(rewards.dtype)
     return rewards, kl
 

@@ -494,16 +494,17 @@ _SUMMARY_ROWS = (
 )
 
 
-def format_summary(summary: dict) -> list[tuple[str, str]]:
+def format_summary(summary: dict, rows_spec=_SUMMARY_ROWS) -> list[tuple[str, str]]:
     rows = []
-    for key, label, fmt in _SUMMARY_ROWS:
+    for key, label, fmt in rows_spec:
         v = summary.get(key)
         rows.append((label, "n/a" if v is None else fmt.format(v)))
     return rows
 
 
-def print_summary(summary: dict) -> None:
-    rows = format_summary(summary)
+def print_summary(summary: dict, *, rows=_SUMMARY_ROWS, title: str = "fastlora sft") -> None:
+    """A table of ``rows`` ((key, label, format) triples; default SFT's) of ``summary``."""
+    rows = format_summary(summary, rows)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -511,7 +512,7 @@ def print_summary(summary: dict) -> None:
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
         return
-    table = Table(title="fastlora sft")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in rows:
