@@ -26,7 +26,7 @@ _EXPORTS = {
     "use_backend": "fastlora.backend",
     "backend_info": "fastlora.backend",
 }
-_SUBMODULES = ("rl", "train", "backend", "nf4", "ops", "patch", "cli")
+_SUBMODULES = ("rl", "train", "backend", "nf4", "ops", "patch", "cli", "generate")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -559,6 +559,14 @@ def lora_linear(
         _check_nf4(wmeta, wt, x)
         dense = None
         fwd_b, bwd_b = _choose_backends(x.device, M, x.dtype, backend)
+        # -- decode on CPU (issue 12): a few rows and no autograd -> the NF4 GEMV, which
+        #    reads W packed instead of dequantizing it (fastlora/ops/nf4_gemv.py)
+        if fwd_b is Backend.CPP:
+            from . import nf4_gemv
+
+            if nf4_gemv.applies(x2d, lora_A, lora_B, bias, dropout):
+                y = nf4_gemv.lora_gemv_cpu(x2d, weight, lora_A, lora_B, float(scaling), bias)
+                return y.reshape(*lead, N)  # (..., N)
     meta = (float(scaling), float(dropout), wmeta, fwd_b, bwd_b)
     y = LoRALinearFunction.apply(x2d, dense, lora_A, lora_B, bias, meta, *wt)
     return y.reshape(*lead, N)  # (..., N)
