@@ -33,11 +33,12 @@ _HELP = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
     from .train.config import SFTConfig
 
-    hints = typing.get_type_hints(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):
+    cls = cls or SFTConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
@@ -78,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", nargs="+", default=None)
     bench.add_argument("--results-dir", default=None)
 
+    from .train.ppo_config import PPOConfig
+
+    ppo = sub.add_parser("ppo", help="PPO/GRPO on one shared 4-bit base (no arguments: continue the default SFT run)")
+    ppo.add_argument("--config", help="YAML file of PPOConfig options; flags override it")
+    ppo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_config_flags(ppo, PPOConfig)
+
+    rlhf = sub.add_parser("rlhf", help="SFT -> reward model -> PPO on the embedded task, skipping finished stages")
+    rlhf.add_argument("--runs-dir", default="runs", help="where the stages' output dirs are (default: runs)")
+    rlhf.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    rlhf.add_argument("--cache-dir", default=None)
+
     sub.add_parser("info", help="print the backends available on this machine")
     return parser
 
@@ -96,6 +109,33 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sft(cfg)
     return 0
+
+
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    from .train.ppo import ppo
+    from .train.ppo_config import PPOConfig
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
+    cfg = PPOConfig.from_yaml(args.config, **overrides) if args.config else PPOConfig.from_dict(overrides,
+                                                                                                 source="command line")
+    _threads(args.threads)
+    ppo(cfg)
+    return 0
+
+
+def _cmd_rlhf(args: argparse.Namespace) -> int:
+    from .train.rlhf import rlhf
+
+    _threads(args.threads)
+    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+    return 0
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -130,7 +170,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info}[args.command]
+    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info, "ppo": _cmd_ppo,
+               "rlhf": _cmd_rlhf}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -334,7 +334,7 @@ def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step:
     seqs = [s.detach().cpu() for s in res.sequences]
     full_ids, full_attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, list(res.logprobs), pad)
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
-    truncated = torch.tensor([len(s) >= cfg.max_new_tokens and int(s[-1]) not in stops for s in seqs])
+    truncated = torch.tensor([r == "length" for r in res.finish_reasons])
     keys = sorted({k for it in items for k in it.columns})
     columns = {k: [it.columns.get(k) for it in items] for k in keys}
     ro = Rollout(full_ids, full_attn, P, tokens, mask, old, [it.prompt for it in items], texts, truncated, columns)
@@ -739,6 +739,7 @@ def ppo(config: PPOConfig | None = None, *, on_step: Callable[[int, dict], bool 
         "accuracy_after": after.get("accuracy"),
         "test_reward_before": before.get("reward"),
         "test_reward_after": after.get("reward"),
+        "general_qa_after": after.get("general_qa"),
         "rollout_score_first": sum(h["score"] for h in hist[:k]) / k if hist else None,
         "rollout_score_last": sum(h["score"] for h in hist[-k:]) / k if hist else None,
         "kl_last": sum(h["kl"] for h in hist[-k:]) / k if hist else None,
@@ -813,15 +814,19 @@ def _evaluate(base, tokenizer, cfg: PPOConfig, data: dict, scorer: Scorer, log, 
     with base.activate("policy") as model:
         acc, details = ev.task_accuracy(model, tokenizer, items, parse=data["parse"],
                                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        general = ev.general_ability(model, tokenizer, batch_size=cfg.eval_batch_size) if (
+            when == "after" and cfg.measure_forgetting) else None
     reward = _mean_score(scorer, base, tokenizer, cfg, items, details)
     res = {"accuracy": acc, "reward": reward, "seconds": time.perf_counter() - t0, "details": details}
+    if general is not None:
+        res["general_qa"] = general["qa_accuracy"]
     log(f"test {when}: accuracy {acc:.1%}" + (f", mean reward {reward:.3f}" if reward is not None else "")
         + f" ({len(items)} examples, greedy)")
     return res
 
 
 def _flat(d: dict) -> dict:
-    return {k: d[k] for k in ("accuracy", "reward", "seconds") if d.get(k) is not None}
+    return {k: d[k] for k in ("accuracy", "reward", "general_qa", "seconds") if d.get(k) is not None}
 
 
 # ------------------------------------------------------------------------ reporting

@@ -37,6 +37,7 @@ class PPOConfig:
     max_prompt_length: int = 256
     test_max_examples: int = 0  # 0 = all
     eval_batch_size: int = 32
+    measure_forgetting: bool = True  # general QA after PPO (retention against the base: see fastlora rlhf)
 
     # --- reward ---
     reward_model: str | None = None  # dir of a `fastlora rm` result (None: the embedded default's if it exists)
