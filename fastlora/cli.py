@@ -1,4 +1,4 @@
-"""The ``fastlora`` command: ``sft``, ``merge``, ``bench`` and ``info``.
+"""The ``fastlora`` command: ``sft``, ``merge``, ``bench``, ``info``, ``generate`` and ``predict``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -92,7 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     rlhf.add_argument("--cache-dir", default=None)
 
     sub.add_parser("info", help="print the backends available on this machine")
+    _add_generate_parsers(sub)
     return parser
+
+
+def _add_generate_parsers(sub) -> None:
+    """``generate`` and ``predict`` (fastlora.generate.commands)."""
+    for name, help_txt in (
+        ("generate", "answer prompts with the base model and the adapter, side by side (no arguments: the "
+                     "default run's adapter on a few healthcare queries)"),
+        ("predict", "label-restricted prediction: the most probable allowed answer, its probability, and "
+                    "human review below --min-confidence"),
+    ):
+        p = sub.add_parser(name, help=help_txt)
+        p.add_argument("prompts", nargs="*", help="prompts (default: --file, else standard input, else examples)")
+        p.add_argument("--file", help="prompts: one per line, or .jsonl with prompt/text/messages")
+        p.add_argument("--model", help="base model dir (default: the adapter's base, else the embedded default)")
+        p.add_argument("--adapter", help="PEFT adapter dir (default: runs/sft/adapter when it exists)")
+        p.add_argument("--system", help="system prompt (default on the embedded task: the healthcare one)")
+        p.add_argument("--raw", action="store_true", help="no chat template: continue the prompts as given")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--cache-dir", default=None)
+        p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        if name == "generate":
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            p.add_argument("--top-k", type=int, default=None)
+            p.add_argument("--top-p", type=float, default=None)
+            p.add_argument("--seed", type=int, default=None)
+            p.add_argument("--no-compare", dest="compare", action="store_false",
+                           help="only the adapter's answers (default: also the base model's)")
+        else:
+            p.add_argument("--choices", nargs="+", default=None,
+                           help="the allowed answers, as the model writes them (default on the embedded task: "
+                                "its three labels)")
+            p.add_argument("--min-confidence", type=float, default=None,
+                           help="below this probability an example is marked for human review (default 0.9)")
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
@@ -168,10 +205,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate.commands import GenerateConfig, run_generate, run_predict
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+    cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    (run_generate if args.command == "generate" else run_predict)(cfg)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info, "ppo": _cmd_ppo,
-               "rlhf": _cmd_rlhf}[args.command]
+    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
+               "generate": _cmd_generate, "predict": _cmd_generate, "ppo": _cmd_ppo, "rlhf": _cmd_rlhf}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

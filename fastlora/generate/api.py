@@ -151,16 +151,6 @@ def _rows_from_ids(input_ids, attention_mask) -> list[list[int]]:
     return rows
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        attn[i, T - len(r):] = 1
-    return ids.to(device), attn.to(device)
-
-
 def generate(
     model,
     prompts: Sequence[str] | None = None,
@@ -179,6 +169,8 @@ def generate(
     choices: Sequence[str] | None = None,
     batch_size: int | None = None,
     add_special_tokens: bool = True,
+    share_prefix: bool = True,
+    decoder: str = "auto",
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (with ``tokenizer``) or of ``input_ids``
     ``(B, T)`` (left- or right-padded, with ``attention_mask``) on ``model``.
@@ -196,6 +188,12 @@ def generate(
             result gives each choice's probability. See :mod:`fastlora.generate.choices`.
         batch_size: rows per forward (default: all at once); rows are grouped by length.
         add_special_tokens: passed to the tokenizer for text prompts.
+        share_prefix: run the leading tokens all rows of a batch share (a system prompt)
+            once; False lays rows out exactly as transformers' ``generate`` does.
+        decoder: ``"dynamic"`` (a growing KV cache; finished rows leave the batch),
+            ``"static"`` (a preallocated cache, fixed batch), ``"cuda_graph"`` (static,
+            each decode step replayed as a CUDA graph; CUDA only) or ``"auto"``
+            (``cuda_graph`` on CUDA where the model allows it, else ``dynamic``).
     """
     tokenizer = _find_tokenizer(model, tokenizer)
     if (prompts is None) == (input_ids is None):
@@ -225,7 +223,10 @@ def generate(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
 
+    if decoder not in ("auto", "dynamic", "static", "cuda_graph"):
+        raise ValueError(f"decoder must be 'auto', 'dynamic', 'static' or 'cuda_graph', got {decoder!r}")
     runner = Runner(model)
+    static = _static_mode(runner, decoder)
     stop_ids = _stop_ids(runner.lm, tokenizer, stop_token_ids)
     ctx = runner.context_length()
     limits = []
@@ -261,10 +262,10 @@ def generate(
     with _generation_mode(model):
         for s in range(0, B, bs):
             idx = order[s: s + bs]
-            ids, attn = left_pad([rows[i] for i in idx], pad_id, runner.device)
-            d = decode(runner, ids, attn, limits=[limits[i] for i in idx], sampling=sampling, generator=generator,
-                       stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                       need_logprobs=return_logprobs, pad_id=pad_id)
+            d = decode(runner, [rows[i] for i in idx], limits=[limits[i] for i in idx], sampling=sampling,
+                       generator=generator, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                       need_logprobs=return_logprobs, pad_id=pad_id, share_prefix=share_prefix,
+                       static=static)
             for j, i in enumerate(idx):
                 n = d.lengths[j]
                 seqs[i] = d.tokens[j, :n]
@@ -289,3 +290,22 @@ def _pad_id(runner: Runner, tokenizer) -> int:
         if isinstance(v, int):
             return v
     return 0
+
+
+def _static_mode(runner: Runner, decoder: str) -> str | None:
+    """None (dynamic), "eager" or "graph", for ``decode``."""
+    if decoder == "dynamic":
+        return None
+    from .static import supports_static
+
+    why = supports_static(runner)
+    on_cuda = runner.device.type == "cuda"
+    if decoder == "auto":
+        return "graph" if on_cuda and why is None else None
+    if why is not None:
+        raise ValueError(f"decoder={decoder!r} is not available for this model: {why}")
+    if decoder == "cuda_graph":
+        if not on_cuda:
+            raise ValueError(f"decoder='cuda_graph' needs the model on a CUDA device, it is on {runner.device}")
+        return "graph"
+    return "eager"

@@ -117,8 +117,8 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
                   batch_size: int | None, ctx: int | None, prompt_texts: Sequence[str] | None = None,
                   add_special_tokens: bool = True):
     """The :class:`GenerationResult` of ``generate(..., choices=...)``."""
-    from .api import GenerationResult, left_pad
-    from .decode import prompt_positions
+    from .api import GenerationResult
+    from .decode import prefill
 
     choices = list(choices) if isinstance(choices, tuple) else choices
     seqs = choice_token_ids(choices, tokenizer)
@@ -156,15 +156,10 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
     for s in range(0, B, bs):
         chunk = rows[s: s + bs]
         n = len(chunk)
-        ids, attn = left_pad(chunk, pad_id, dev)
-        if shared:
-            ids = torch.cat([ids, shared_t.expand(n, -1)], dim=1)
-            attn = torch.cat([attn, attn.new_ones((n, len(shared)))], dim=1)
-        cache = runner.new_cache()
-        pos = prompt_positions(attn)
         # logits at the last prompt token and at every shared token: they predict
         # shared[0], ..., shared[-1], then the first branch token
-        head = runner(ids, attn, pos, cache, keep=len(shared) + 1).float().log_softmax(-1)  # (n, S+1, V)
+        cache, attn, next_pos, head = prefill(runner, [r + shared for r in chunk], pad_id, keep=len(shared) + 1)
+        head = head.float().log_softmax(-1)  # (n, S+1, V)
         lp_shared = torch.zeros(n, device=dev)
         if shared:
             lp_shared = head[:, :-1, :].gather(-1, shared_t.expand(n, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
@@ -174,7 +169,7 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
         b_ids = br_ids.repeat(n, 1)  # (n*C, L)
         b_mask = br_mask.repeat(n, 1)
         attn2 = torch.cat([attn.repeat_interleave(C, dim=0), b_mask], dim=1)
-        pos2 = pos[:, -1:].repeat_interleave(C, dim=0) + 1 + torch.arange(L, device=dev)
+        pos2 = next_pos.repeat_interleave(C, dim=0) + torch.arange(L, device=dev)
         lp_first = first.repeat_interleave(C, dim=0).gather(-1, b_ids[:, :1]).squeeze(-1)  # (n*C,)
         lp_rest = torch.zeros(n * C, device=dev)
         if L > 1:

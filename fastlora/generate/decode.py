@@ -65,6 +65,16 @@ class Runner:
         return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, T - len(r):] = 1
+    return ids.to(device), attn.to(device)
+
+
 def prompt_positions(attn: torch.Tensor) -> torch.Tensor:
     """transformers' ``generate`` positions for a (left-padded) prompt mask."""
     pos = attn.long().cumsum(-1) - 1
@@ -82,13 +92,67 @@ class Decoded:
     extra: dict = field(default_factory=dict)
 
 
-def decode(runner: Runner, ids: torch.Tensor, attn: torch.Tensor, *, limits: list[int], sampling: SamplingConfig,
+# Rows sharing at least this many leading tokens (a system prompt, a chat template's
+# header) run that prefix once: below it the extra forward costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Leading tokens common to every row, leaving each row at least one token of its own
+    (the prefill's last position must be the row's own last token)."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def prefill(runner: Runner, rows: list[list[int]], pad_id: int, share_prefix: bool = True, keep: int = 1):
+    """(cache, attention mask ``(B, T)``, next positions ``(B, 1)``, logits of the last
+    ``keep`` positions ``(B, keep, V)``) (``keep`` <= the tokens each row has of its own).
+
+    Without a shared prefix the rows are left-padded, as transformers' ``generate`` does.
+    With one (``P`` tokens), the prefix is run once for a single row, its cache repeated
+    for every row, and the rest of each row follows it left-padded: ``[prefix | pad |
+    own tokens]``. Positions still count real tokens only (``cumsum(mask) - 1``), so each
+    row sees exactly the tokens and positions it would see alone; only the order of some
+    float sums differs (a batch of 1 instead of B in the prefix's matmuls).
+    """
+    dev = runner.device
+    B = len(rows)
+    P = shared_prefix_length(rows) if share_prefix else 0
+    P = min(P, min(len(r) for r in rows) - keep)
+    cache = runner.new_cache()
+    if P < MIN_SHARED_PREFIX:
+        ids, attn = left_pad(rows, pad_id, dev)
+        pos = prompt_positions(attn)
+        logits = runner(ids, attn, pos, cache, keep=keep)
+        return cache, attn, pos[:, -1:] + 1, logits
+    head = torch.tensor([rows[0][:P]], dtype=torch.long, device=dev)  # (1, P)
+    head_mask = torch.ones_like(head)
+    runner(head, head_mask, prompt_positions(head_mask), cache, keep=1)
+    cache.batch_repeat_interleave(B)
+    ids, tail_mask = left_pad([r[P:] for r in rows], pad_id, dev)  # (B, S)
+    attn = torch.cat([head_mask.expand(B, -1), tail_mask], dim=1)  # (B, P + S)
+    pos = prompt_positions(attn)[:, P:]
+    logits = runner(ids, attn, pos, cache, keep=keep)
+    return cache, attn, pos[:, -1:] + 1, logits
+
+
+def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling: SamplingConfig,
            generator: torch.Generator | None, stop_ids: frozenset, stop_strings: tuple, tokenizer,
-           need_logprobs: bool, pad_id: int) -> Decoded:
-    """Generate for left-padded ``ids`` / ``attn`` ``(B, T)``; row ``b`` makes at most
-    ``limits[b]`` (>= 1) tokens."""
-    B = ids.shape[0]
-    dev = ids.device
+           need_logprobs: bool, pad_id: int, share_prefix: bool = True, static: str | None = None) -> Decoded:
+    """Generate after each of ``rows`` (prompt token ids); row ``b`` makes at most
+    ``limits[b]`` (>= 1) tokens. ``static``: None (a dynamic cache, finished rows leave
+    the batch), ``"eager"`` or ``"graph"`` (:class:`fastlora.generate.static.StaticDecoder`,
+    a fixed batch; ``"graph"`` replays a CUDA graph per step)."""
+    B = len(rows)
+    dev = runner.device
     steps_max = max(limits)
     tokens = torch.full((B, steps_max), pad_id, dtype=torch.long, device=dev)
     lp = torch.zeros((B, steps_max), dtype=torch.float32, device=dev) if need_logprobs else None
@@ -97,10 +161,16 @@ def decode(runner: Runner, ids: torch.Tensor, attn: torch.Tensor, *, limits: lis
     reasons = [""] * B
     texts_ids: list[list[int]] = [[] for _ in range(B)]
 
-    cache = runner.new_cache()
-    pos = prompt_positions(attn)
-    logits = runner(ids, attn, pos, cache, keep=1)[:, -1]  # (B, V)
-    next_pos = pos[:, -1:] + 1  # (B, 1)
+    fixed = None
+    if static is not None:
+        from .static import StaticDecoder
+
+        fixed = StaticDecoder(runner, rows, pad_id, steps_max, use_graph=static == "graph")
+        logits = fixed.prefill_logits
+        feed = torch.full((B,), pad_id, dtype=torch.long, device=dev)  # finished rows read a pad
+    else:
+        cache, attn, next_pos, logits = prefill(runner, rows, pad_id, share_prefix)
+        logits = logits[:, -1]  # (B, V)
     active = list(range(B))  # original row of each batch row
     active_t = torch.arange(B, device=dev)
     step = 0
@@ -134,6 +204,15 @@ def decode(runner: Runner, ids: torch.Tensor, attn: torch.Tensor, *, limits: lis
         step += 1
         if not keep:
             break
+        if fixed is not None:  # a fixed batch: every row runs, finished ones on a pad
+            feed.fill_(pad_id)
+            feed[active_t] = tok
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                active_t = active_t[idx]
+                active = [active[i] for i in keep]
+            logits = fixed.step(feed)[active_t]
+            continue
         if len(keep) < len(active):  # finished rows stop costing compute
             idx = torch.tensor(keep, device=dev)
             cache.batch_select_indices(idx)

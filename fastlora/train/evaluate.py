@@ -99,29 +99,18 @@ def task_items(records: Sequence[dict], tokenizer, fmt: str) -> list[TaskItem]:
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12, batch_size: int = 16,
              special_tokens: bool = False) -> list[str]:
-    """Greedy completions of ``prompts`` (decoded, special tokens removed), batched with left padding."""
-    device = model_device(model)
-    outputs: list[str | None] = [None] * len(prompts)
-    # Similar lengths together: less padding, and the result does not depend on the order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with _eval_mode(model):
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                add_special_tokens=special_tokens).to(device)
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
-                )
-                new = out[:, enc["input_ids"].shape[1]:]
-                for i, ids in zip(idx, new):
-                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return outputs  # type: ignore[return-value]
+    """Greedy completions of ``prompts`` (decoded, special tokens removed), by
+    ``fastlora.generate``: left-padded batches of similar lengths, stopping at the
+    tokenizer's eos (what transformers' ``generate`` was asked for before)."""
+    from ..generate import generate as fl_generate
+
+    if not prompts:
+        return []
+    eos = tokenizer.eos_token_id
+    res = fl_generate(model, list(prompts), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, add_special_tokens=special_tokens,
+                      stop_token_ids=None if eos is None else [eos])
+    return res.texts
 
 
 def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,

@@ -87,11 +87,19 @@ def test_greedy_matches_transformers_generate(model_dir, family):
     eos = int(free.sequences[1][3])
     want = hf_greedy(ref, ids, mask, n, eos)
     assert len(want[1]) <= 4
+    from fastlora.generate.decode import Runner
+    from fastlora.generate.static import supports_static
+
+    # the static-cache decoder (CUDA-graph path, run eagerly here) wherever the model allows it
+    decoders = ["dynamic"] + (["static"] if supports_static(Runner(ref)) is None else [])
+    assert family == "gemma2" or decoders == ["dynamic", "static"]
     for model in (ref, pat):
-        got = fastlora.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=n, stop_token_ids=[eos])
-        assert [s.tolist() for s in got.sequences] == want, family
-        assert got.lengths.tolist() == [len(w) for w in want]
-        assert got.finish_reasons == ["stop_token" if w[-1] == eos else "length" for w in want]
+        for decoder in decoders:
+            got = fastlora.generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                    stop_token_ids=[eos], decoder=decoder)
+            assert [s.tolist() for s in got.sequences] == want, (family, decoder)
+            assert got.lengths.tolist() == [len(w) for w in want]
+            assert got.finish_reasons == ["stop_token" if w[-1] == eos else "length" for w in want]
 
 
 def test_rows_independent_of_batch_and_padding(model_dir):
@@ -228,5 +236,9 @@ def test_bad_input(model_dir):
         fastlora.generate(model, ["hello"])
     with pytest.raises(ValueError, match="row 1 of input_ids has no token"):
         fastlora.generate(model, input_ids=ids, attention_mask=torch.stack([mask[0], mask[1] * 0, mask[2]]))
+    with pytest.raises(ValueError, match="decoder='cuda_graph' needs the model on a CUDA device"):
+        fastlora.generate(model, input_ids=ids, decoder="cuda_graph")
+    with pytest.raises(ValueError, match="decoder must be"):
+        fastlora.generate(model, input_ids=ids, decoder="fast")
     with pytest.raises(ValueError, match="temperature must be"):
         fastlora.generate(model, input_ids=ids, temperature=-1.0)
