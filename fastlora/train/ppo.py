@@ -30,9 +30,6 @@ metrics as an uninterrupted one (tested).
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +39,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .ppo_config import PPOConfig
+from .sft import _Log
 
-HEADS_FILE = "heads.safetensors"
-
-
-class _Log:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            tqdm.write(msg)
 
 
 # ------------------------------------------------------------------------ prompts
@@ -580,6 +566,7 @@ def ppo(config: PPOConfig | None = None, *, on_step: Callable[[int, dict], bool 
         cfg = PPOConfig.from_dict(overrides, source="ppo()")
     else:
         cfg = PPOConfig.from_dict({**config.to_dict(), **overrides}, source="ppo()") if overrides else config
+    cfg = cfg.resolved()
     log = _Log(cfg.progress)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
@@ -784,9 +771,9 @@ def rl_kl_controller(cfg: PPOConfig):
 
 
 def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
-    idx = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(idx)
-    return idx
+    from .data import batch_order
+
+    return batch_order(n, n, seed=seed, epoch=epoch)[0]
 
 
 def _kept_rows(ok: torch.Tensor, per: int) -> list[int]:

@@ -7,6 +7,7 @@ task, ``sft_adapter=None`` there the default SFT run's adapter (trained first if
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,12 @@ ADVANTAGES = ("gae", "grpo")
 CRITICS = ("separate", "shared")
 KL_KINDS = ("k1", "k3", "abs", "mse")
 ON_REWARD_ERROR = ("skip", "stop")
+
+# Options whose default depends on the task (fields left at None, see PPOConfig.resolved).
+GENERIC = {"batch_size": 16, "mini_batch_size": 8, "max_steps": 20, "lr": 1e-5}
+# The embedded healthcare default, sized for the 10-minute budget on 2 CPU cores: 8 prompts per
+# rollout, one mini-batch of 8, so 4 optimizer steps (the 4 PPO epochs) per rollout.
+EMBEDDED_TASK = {"batch_size": 8, "mini_batch_size": 8, "max_steps": 12, "lr": 5e-5}
 
 
 @dataclass
@@ -49,7 +56,7 @@ class PPOConfig:
     on_reward_error: str = "skip"  # skip | stop: a reward fn that raises or returns NaN
 
     # --- rollouts ---
-    batch_size: int = 16  # prompts per rollout (x group_size for grpo)
+    batch_size: int | None = None  # prompts per rollout (x group_size for grpo); None: by task
     max_new_tokens: int = 12
     temperature: float = 1.0
     top_p: float = 1.0
@@ -60,7 +67,7 @@ class PPOConfig:
     group_size: int = 4  # grpo: responses per prompt
     critic: str = "separate"  # separate adapter | shared (value head on the policy's trunk)
     ppo_epochs: int = 4
-    mini_batch_size: int = 8  # rows per optimizer step; must divide the rollout
+    mini_batch_size: int | None = None  # rows per optimizer step; must divide the rollout
     grad_accum: int = 1  # micro-batches per mini-batch
     clip: float = 0.2
     vf_clip: float = 0.2
@@ -79,11 +86,11 @@ class PPOConfig:
     lora_alpha: int = 32
     target_modules: list[str] | str = "all-linear"
     optimizer: str = "auto"
-    lr: float = 1e-5
+    lr: float | None = None
     critic_lr: float | None = None  # None = lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    max_steps: int = 20  # rollouts (each followed by ppo_epochs of updates)
+    max_steps: int | None = None  # rollouts (each followed by ppo_epochs of updates)
     seed: int = 0
 
     # --- output ---
@@ -105,14 +112,14 @@ class PPOConfig:
             self._check_choice(name, choices)
         for name in ("batch_size", "max_new_tokens", "ppo_epochs", "mini_batch_size", "grad_accum", "lora_r",
                      "lora_alpha", "max_prompt_length", "eval_batch_size", "log_every", "max_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "keep_checkpoints", "sample_every", "test_max_examples", "top_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("clip", "vf_clip", "lr", "temperature", "kl_horizon"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
+            if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be > 0, got {v}")
         for name in ("vf_coef", "ent_coef", "kl_coef", "max_grad_norm", "weight_decay", "reward_model_weight",
                      "reward_fn_weight"):
@@ -131,6 +138,8 @@ class PPOConfig:
             raise ValueError(f"critic_lr must be > 0, got {self.critic_lr}")
         if self.advantage == "grpo" and self.group_size < 2:
             raise ValueError(f"advantage='grpo' needs group_size >= 2, got {self.group_size}")
+        if self.batch_size is None or self.mini_batch_size is None:
+            return  # the rest is checked once resolved()
         if self.mini_batch_size % self.grad_accum:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} does not divide into grad_accum="
                              f"{self.grad_accum} micro-batches")
@@ -138,6 +147,12 @@ class PPOConfig:
             raise ValueError(f"the rollout of {self.rollout_size} responses (batch_size={self.batch_size}"
                              + (f" x group_size={self.group_size}" if self.advantage == "grpo" else "")
                              + f") does not divide into mini-batches of mini_batch_size={self.mini_batch_size}")
+
+    def resolved(self) -> "PPOConfig":
+        """A copy with every option left at None filled in: from :data:`EMBEDDED_TASK` for the
+        embedded task (``data=None``), else from :data:`GENERIC`; checked again."""
+        preset = EMBEDDED_TASK if self.data is None else GENERIC
+        return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
 
     @property
     def rollout_size(self) -> int:
