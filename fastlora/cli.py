@@ -1,4 +1,5 @@
-"""The ``fastlora`` command: ``sft``, ``merge``, ``bench``, ``info``, ``generate`` and ``predict``.
+"""The ``fastlora`` command: ``sft``, ``rm``, ``ppo``, ``rlhf``, ``merge``, ``bench``, ``info``, ``generate``
+and ``predict``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -30,15 +31,16 @@ _HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "output_dir": "where the adapter, metrics.jsonl, curve.png and summary.json go",
     "general_mix": "fraction of general chat data mixed into training (against forgetting)",
+    "center": "weight c of the centering term c*(r_chosen + r_rejected)^2 (rm)",
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, config_cls=None) -> None:
     from .train.config import SFTConfig
 
-    cls = cls or SFTConfig
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    config_cls = config_cls or SFTConfig
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
@@ -66,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--config", help="YAML file of SFTConfig options; flags override it")
     sft.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _add_config_flags(sft)
+
+    from .train.reward import RewardConfig
+
+    rm = sub.add_parser("rm", help="reward model on the shared 4-bit base (no arguments: the embedded healthcare pairs)")
+    rm.add_argument("--config", help="YAML file of RewardConfig options; flags override it")
+    rm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_config_flags(rm, RewardConfig)
 
     merge = sub.add_parser("merge", help="merge an adapter into its dequantized base; write a 16-bit model")
     merge.add_argument("--adapter", required=True, help="PEFT adapter dir (e.g. runs/sft/adapter)")
@@ -132,47 +141,49 @@ def _add_generate_parsers(sub) -> None:
                            help="below this probability an example is marked for human review (default 0.9)")
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from .train import SFTConfig, sft
-
+def _run_trainer(args: argparse.Namespace, config_cls, run) -> int:
+    """Build ``config_cls`` from --config and the flags given (flags win) and call ``run``."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
     if args.config:
-        cfg = SFTConfig.from_yaml(args.config, **overrides)
+        cfg = config_cls.from_yaml(args.config, **overrides)
     else:
-        cfg = SFTConfig.from_dict(overrides, source="command line")
+        cfg = config_cls.from_dict(overrides, source="command line")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    sft(cfg)
+    run(cfg)
     return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .train import SFTConfig, sft
+
+    return _run_trainer(args, SFTConfig, sft)
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from .train.reward import RewardConfig, reward
+
+    return _run_trainer(args, RewardConfig, reward)
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
     from .train.ppo import ppo
     from .train.ppo_config import PPOConfig
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "threads")}
-    cfg = PPOConfig.from_yaml(args.config, **overrides) if args.config else PPOConfig.from_dict(overrides,
-                                                                                                 source="command line")
-    _threads(args.threads)
-    ppo(cfg)
-    return 0
+    return _run_trainer(args, PPOConfig, ppo)
 
 
 def _cmd_rlhf(args: argparse.Namespace) -> int:
     from .train.rlhf import rlhf
 
-    _threads(args.threads)
-    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
-    return 0
-
-
-def _threads(n: int | None) -> None:
-    if n:
+    if args.threads:
         import torch
 
-        torch.set_num_threads(n)
+        torch.set_num_threads(args.threads)
+    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+    return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -220,7 +231,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sft": _cmd_sft, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
+    handler = {"sft": _cmd_sft, "rm": _cmd_rm, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
                "generate": _cmd_generate, "predict": _cmd_generate, "ppo": _cmd_ppo, "rlhf": _cmd_rlhf}[args.command]
     try:
         return handler(args)

@@ -493,6 +493,58 @@ class SharedBase(nn.Module):
         values = self.head_values(role, self.hidden_states(role, input_ids, attention_mask), attention_mask)
         return values.gather(1, idx.to(values.device).unsqueeze(1)).squeeze(1)
 
+    def score_continuations(self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            cont_ids: torch.Tensor, cont_mask: torch.Tensor) -> torch.Tensor:
+        """(B*k,) scores of k continuations per prompt, running each prompt ONCE.
+
+        prompt_ids, prompt_mask: (B, Lp), LEFT-padded (every row ends at its last token);
+        cont_ids, cont_mask: (B*k, Lc), right-padded; row b*k + j continues prompt b.
+        Equals ``score(role, cat(prompt, continuation))`` up to rounding: the prompt's keys and
+        values (with their autograd graph) are repeated k times and the continuations attend
+        to them, at the positions they would have in the whole sequence. A preference pair
+        (k = 2) costs prompt + 2 responses tokens instead of 2 x (prompt + response); GRPO's
+        k samples per prompt can use it as well. Needs a decoder that takes a cache (and no
+        gradient checkpointing, which turns the cache off).
+        """
+        from ..patch.head import _decoder
+
+        prompt_ids, prompt_mask = _check_batch(prompt_ids, prompt_mask)
+        cont_ids, cont_mask = _check_batch(cont_ids, cont_mask)
+        B, N = prompt_ids.shape[0], cont_ids.shape[0]
+        if N % B:
+            raise ValueError(f"{N} continuations do not divide among {B} prompts")
+        k = N // B
+        if role not in self.heads:
+            raise ValueError(f"role {role!r} has no head (roles with heads: {sorted(self.heads)})")
+        if bool((prompt_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded: some row's last position is padding")
+        idx = last_token_index(cont_mask)  # also refuses an empty continuation
+        with self.activate(role):
+            self._protect(self.model)
+            dec = _decoder(self.lm)
+            out = dec(input_ids=prompt_ids, attention_mask=prompt_mask,
+                      position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
+            # transformers 5.2x returns it as .cache (the old name .past_key_values warns)
+            cache = out.get("cache") if hasattr(out, "get") else None
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            if cache is None:
+                raise ValueError(f"{type(dec).__name__} returned no cache (gradient checkpointing on?); "
+                                 "score whole sequences instead")
+            if k > 1:
+                cache.batch_repeat_interleave(k)
+            start = prompt_mask.long().sum(1).repeat_interleave(k)  # (N,) length of each row's prompt
+            pos = start[:, None] + position_ids_from_mask(cont_mask)
+            mask = torch.cat([prompt_mask.repeat_interleave(k, 0).to(cont_mask.dtype), cont_mask], 1)
+            # transformers 5.2x renamed past_key_values to cache (the old name warns)
+            import inspect
+
+            cache_kw = "cache" if "cache" in inspect.signature(dec.forward).parameters else "past_key_values"
+            out = dec(input_ids=cont_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, Lc, H)
+        values = self.head_values(role, hidden, cont_mask)
+        return values.gather(1, idx.to(values.device).unsqueeze(1)).squeeze(1)
+
     def _head_spec(self):
         if self._spec is None:
             from ..patch import _bind
@@ -581,6 +633,58 @@ class SharedBase(nn.Module):
                 self._set_head(r, heads[f"{r}.weight"], source=str(heads_file))
         self._apply_trainable()
         return roles
+
+    # ------------------------------------------------------------------ sequence-classification export
+    def export_sequence_classification(self, role: str, directory: str | os.PathLike) -> Path:
+        """Write ``role``'s adapter and head as a PEFT adapter for transformers'
+        ``AutoModelForSequenceClassification(num_labels=1)``: LoRA config with
+        ``task_type="SEQ_CLS"`` and ``modules_to_save=["score"]``, the head saved as
+        ``score.weight``. Other tools then score with ``PeftModel.from_pretrained``;
+        :meth:`add_role` (``from_pretrained=``) and :meth:`load_sequence_classification` read it back.
+        Written atomically (temporary dir, then rename)."""
+        from safetensors.torch import save_file
+        from peft.utils import get_peft_model_state_dict
+
+        from ..train.checkpoint import write_dir_atomic
+
+        spec = self._role(role)
+        if spec.adapter is None or role not in self.heads:
+            raise ValueError(f"role {role!r} needs an adapter and a head to export as a sequence classifier")
+
+        def fill(tmp: Path) -> None:
+            state = {k: v.detach().cpu().contiguous()
+                     for k, v in get_peft_model_state_dict(self.model, adapter_name=spec.adapter).items()}
+            state["base_model.model.score.weight"] = self.heads[role].weight.detach().cpu().float().contiguous()
+            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config = dataclasses.replace(self.model.peft_config[spec.adapter], task_type="SEQ_CLS",
+                                         modules_to_save=["score"], inference_mode=True)
+            config.save_pretrained(str(tmp))
+
+        return write_dir_atomic(directory, fill)
+
+    def load_sequence_classification(self, role: str, directory: str | os.PathLike) -> None:
+        """Load weights written by :meth:`export_sequence_classification` into ``role``'s
+        existing adapter and head. Shapes are checked first (a head of another hidden size,
+        an adapter of another rank), naming the file; nothing changes on a mismatch."""
+        from safetensors.torch import load_file
+
+        spec = self._role(role)
+        if spec.adapter is None or role not in self.heads:
+            raise ValueError(f"role {role!r} has no adapter and head to load into")
+        weights = Path(directory) / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{str(weights)!r} is missing")
+        state = load_file(str(weights))
+        head = state.pop("base_model.model.score.weight", None)
+        if head is None:
+            raise ValueError(f"{weights}: no score head (base_model.model.score.weight) in the file")
+        want = tuple(self.heads[role].weight.shape)
+        if tuple(head.shape) != want:
+            raise ValueError(f"{weights}: head of role {role!r} has shape {tuple(head.shape)}, but this base needs "
+                             f"{want} (hidden size {self.hidden_size}): it was made on another model")
+        device = next(self.lm.parameters()).device
+        _set_adapter_state(self.model, {k: v.to(device) for k, v in state.items()}, spec.adapter, source=str(weights))
+        self._set_head(role, head, source=str(weights))
 
     # ------------------------------------------------------------------ memory
     def memory_report(self, roles: Sequence[str] = ("policy", "reference", "critic", "reward")) -> dict:

@@ -249,9 +249,8 @@ def build_base(cfg: PPOConfig, lm, sft_adapter: Path | None, reward_dir: Path | 
                           head_init_std=0.0)
         else:
             base.add_role("critic", seed=cfg.seed + 1, trainable=True, head_init_std=0.0, **fresh)
-    if reward_dir is not None:
-        base.load(reward_dir, roles=["reward"])
-        base.add_role("reward", adapter=base.roles["reward"].adapter, kind="score", head=True, trainable=False)
+    if reward_dir is not None:  # a `fastlora rm` result: SEQ_CLS adapter + its score head, frozen
+        base.add_role("reward", from_pretrained=reward_dir, kind="score", head=True, trainable=False)
     return base
 
 
@@ -445,26 +444,22 @@ def ppo_updates(base, cfg: PPOConfig, b: Batch, optimizer, params: list, step: i
 DEFAULT_RM_DIR = "runs/rm"
 
 
-def find_reward_save(directory: str | Path) -> Path:
-    """The SharedBase save of a ``fastlora rm`` result: the dir itself or its ``adapter`` /
-    ``reward`` subdir (whichever holds shared_base.json)."""
-    from fastlora.rl.base import META_FILE
-
+def find_reward_adapter(directory: str | Path) -> Path:
+    """The reward model of a ``fastlora rm`` result: its PEFT sequence-classification
+    adapter (the dir itself or its ``adapter`` subdir)."""
     d = Path(directory)
-    for cand in (d, d / "adapter", d / "reward", d / "model"):
-        if (cand / META_FILE).is_file():
+    for cand in (d, d / "adapter"):
+        if (cand / "adapter_config.json").is_file() and (cand / "adapter_model.safetensors").is_file():
             return cand
-    raise FileNotFoundError(f"reward model {str(d)!r} holds no shared-base save ({META_FILE}); "
-                            f"train one with `fastlora rm`")
+    raise FileNotFoundError(f"reward model {str(d)!r} holds no PEFT adapter (adapter_config.json + "
+                            f"adapter_model.safetensors, or an adapter/ subdir with them); train one with `fastlora rm`")
 
 
 def check_same_base(reward_dir: Path, model_path: Path) -> None:
     """Refuse a reward model trained on another base (its adapter records the base path)."""
     import json
 
-    from fastlora.rl.base import ADAPTERS_DIR
-
-    for cfg_file in sorted((reward_dir / ADAPTERS_DIR).glob("*/adapter_config.json")):
+    for cfg_file in [reward_dir / "adapter_config.json"]:
         recorded = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
         if not recorded or Path(recorded) == Path(model_path):
             continue
@@ -510,10 +505,10 @@ def resolve_reward(cfg: PPOConfig) -> tuple[Path | None, Any, str]:
     fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     rm = None
     if cfg.reward_model is not None:
-        rm = find_reward_save(cfg.reward_model)
+        rm = find_reward_adapter(cfg.reward_model)
     elif cfg.data is None and cfg.reward_fn is None:
         try:
-            rm = find_reward_save(DEFAULT_RM_DIR)
+            rm = find_reward_adapter(DEFAULT_RM_DIR)
         except FileNotFoundError:
             rm = None
     if rm is None and fn is None:
@@ -870,4 +865,4 @@ _SUMMARY_ROWS = (
 def print_summary(summary: dict) -> None:
     from .sft import print_summary as _print
 
-    _print(summary, rows=_SUMMARY_ROWS, title="fastlora ppo")
+    _print(summary, _SUMMARY_ROWS, title="fastlora ppo")

@@ -54,20 +54,20 @@ def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progres
         from .reward import RewardConfig, reward
 
         log(f"== stage 2/3: reward model -> {rm_dir}")
-        out["rm"] = reward(RewardConfig(output_dir=str(rm_dir), sft_adapter=str(sft_dir / "adapter"),
-                                        cache_dir=cache_dir, progress=progress, resume=_resume(rm_dir)))
+        out["rm"] = reward(RewardConfig(output_dir=str(rm_dir), cache_dir=cache_dir, progress=progress,
+                                        resume=_resume(rm_dir)))
     else:
         log(f"== stage 2/3: reward model: done ({rm_dir / 'summary.json'})")
 
     ppo_dir = runs / "ppo"
     out["ppo"] = _summary(ppo_dir)
     if out["ppo"] is None:
-        from .ppo import find_reward_save, ppo
+        from .ppo import find_reward_adapter, ppo
         from .ppo_config import PPOConfig
 
         log(f"== stage 3/3: PPO -> {ppo_dir}")
         out["ppo"] = ppo(PPOConfig(output_dir=str(ppo_dir), sft_output_dir=str(sft_dir),
-                                   reward_model=str(find_reward_save(rm_dir)), cache_dir=cache_dir,
+                                   reward_model=str(find_reward_adapter(rm_dir)), cache_dir=cache_dir,
                                    progress=progress, resume=_resume(ppo_dir)))
     else:
         log(f"== stage 3/3: PPO: done ({ppo_dir / 'summary.json'})")
@@ -90,7 +90,7 @@ def table(sft: dict, rm: dict, ppo: dict) -> list[tuple[str, str, str, str]]:
     """Rows (stage, test accuracy, general-QA retention, stage metric)."""
     base_qa = sft.get("general_qa_before")
     ppo_ret = (ppo.get("general_qa_after") / base_qa) if base_qa and ppo.get("general_qa_after") is not None else None
-    rm_acc = rm.get("accuracy_after", rm.get("pairwise_accuracy_after", rm.get("pairwise_accuracy")))
+    rm_acc = rm.get("accuracy_after")
     return [
         ("base model", _pct(sft.get("accuracy_before")), "100.0%", ""),
         ("SFT", _pct(sft.get("accuracy_after")), _pct(sft.get("retention")),

@@ -425,7 +425,7 @@ def _flat(d: dict) -> dict:
 
 
 # ------------------------------------------------------------------ reporting
-def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
+def plot_curve(metrics_path: str | Path, png_path: str | Path, title: str = "fastlora sft") -> Path:
     """Train loss per step, eval loss and eval accuracy, from metrics.jsonl, to a PNG (written atomically)."""
     import matplotlib
 
@@ -462,7 +462,7 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
         handles, labels = handles + h2, labels + l2
     if handles:
         ax.legend(handles, labels, loc="upper right")
-    ax.set_title("fastlora sft")
+    ax.set_title(title)
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
@@ -494,17 +494,16 @@ _SUMMARY_ROWS = (
 )
 
 
-def format_summary(summary: dict, rows_spec=_SUMMARY_ROWS) -> list[tuple[str, str]]:
+def format_summary(summary: dict, spec=_SUMMARY_ROWS) -> list[tuple[str, str]]:
     rows = []
-    for key, label, fmt in rows_spec:
+    for key, label, fmt in spec:
         v = summary.get(key)
         rows.append((label, "n/a" if v is None else fmt.format(v)))
     return rows
 
 
-def print_summary(summary: dict, *, rows=_SUMMARY_ROWS, title: str = "fastlora sft") -> None:
-    """A table of ``rows`` ((key, label, format) triples; default SFT's) of ``summary``."""
-    rows = format_summary(summary, rows)
+def print_summary(summary: dict, spec=_SUMMARY_ROWS, title: str = "fastlora sft") -> None:
+    rows = format_summary(summary, spec)
     try:
         from rich.console import Console
         from rich.table import Table

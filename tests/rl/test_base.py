@@ -229,3 +229,38 @@ def _linear_shapes():
     # q, k, v, o, gate, up, down of the tiny Llama, per layer (hidden 128, kv 2 heads of 32, inter 256)
     per_layer = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
     return per_layer * tiny.LAYERS
+
+
+def test_score_continuations_equals_whole_sequences(tiny_path):
+    """Prompt run once, k continuations on its cache: same scores and gradients as whole rows."""
+    base = _base(tiny_path, roles=("reward",))
+    base.train()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (5, 3)]
+    conts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (2, 4, 1, 3)]  # 2 per prompt
+    Lp, Lc = 5, 4
+    p_ids = torch.zeros(2, Lp, dtype=torch.long)
+    p_mask = torch.zeros(2, Lp, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        p_ids[i, Lp - len(p):], p_mask[i, Lp - len(p):] = p, 1
+    c_ids = torch.zeros(4, Lc, dtype=torch.long)
+    c_mask = torch.zeros(4, Lc, dtype=torch.long)
+    for i, c in enumerate(conts):  # right padding
+        c_ids[i, :len(c)], c_mask[i, :len(c)] = c, 1
+    whole = [torch.cat([prompts[i // 2], conts[i]]) for i in range(4)]
+    w_ids = torch.zeros(4, 9, dtype=torch.long)
+    w_mask = torch.zeros(4, 9, dtype=torch.long)
+    for i, w in enumerate(whole):
+        w_ids[i, :len(w)], w_mask[i, :len(w)] = w, 1
+    params = base.trainable_parameters()
+    wts = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    got = base.score_continuations("reward", p_ids, p_mask, c_ids, c_mask)
+    g_got = torch.autograd.grad((got * wts).sum(), params)
+    want = base("reward", w_ids, w_mask)
+    g_want = torch.autograd.grad((want * wts).sum(), params)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+    with pytest.raises(ValueError, match="left-padded"):
+        base.score_continuations("reward", p_ids.flip(1), p_mask.flip(1), c_ids, c_mask)

@@ -261,11 +261,11 @@ def test_bad_input(toy_dir, tmp_path):
 def test_reward_model_on_another_base_is_refused(toy_dir, tmp_path):
     from fastlora.train.ppo import check_same_base
 
-    d = tmp_path / "rm" / "adapters" / "reward"
+    d = tmp_path / "rm"
     d.mkdir(parents=True)
     (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/Llama-3-8B"}))
     with pytest.raises(ValueError, match="was trained on base '/models/Llama-3-8B'"):
-        check_same_base(tmp_path / "rm", toy_dir)
+        check_same_base(d, toy_dir)
 
 
 def test_zero_length_response_is_refused():

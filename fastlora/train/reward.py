@@ -1,0 +1,531 @@
+"""Reward models on the shared 4-bit base: ``fastlora.train.reward(RewardConfig(...))``.
+
+The model is :class:`fastlora.rl.SharedBase` with one role, ``reward``: a LoRA adapter and a
+scalar head ``Linear(hidden, 1)`` read at each sequence's last token. Each step scores the
+chosen and the rejected responses of a batch of pairs in ONE forward (2B sequences) and
+minimizes the Bradley–Terry loss ``fastlora.rl.reward_loss`` in fp32:
+``-log σ(r_chosen - r_rejected - margin) + center·(r_chosen + r_rejected)²``.
+
+Everything around the loop is the SFT trainer's: the output dir rules, atomic checkpoints
+and ``resume`` (``train/checkpoint.py``), the optimizer and scheduler (``sft.make_optimizer``,
+``sft.make_scheduler``), the data order (``data.batch_order``), ``metrics.jsonl``, the curve
+PNG and the summary table (``sft.plot_curve``, ``sft.print_summary``). Gradient accumulation
+weighs each micro-batch by its share of the step's pairs, so the update is the full batch's.
+
+The result, ``output_dir/adapter``, is a PEFT sequence-classification adapter
+(``task_type="SEQ_CLS"``, the head as ``score`` in ``modules_to_save``): transformers'
+``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)`` +
+``PeftModel.from_pretrained`` scores with it, and PPO loads it as the ``reward`` role of its
+own shared base (``SharedBase.add_role("reward", from_pretrained=...)``).
+
+The embedded default (``data=None``) starts from the BASE model (SmolLM2-135M-Instruct,
+no SFT adapter): the reward model must judge any policy's answers, and starting from the
+base keeps ``fastlora rm`` independent of an SFT run. It trains on the healthcare
+preference pairs of ``defaults/preferences.py`` and reports pairwise accuracy on the held-out
+test split's pairs, before and after, overall and per kind of rejected answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import SFTConfig, SCHEDULERS, OPTIMIZERS, DTYPES
+
+# Options whose default depends on the task (fields left at None, see RewardConfig.resolved).
+GENERIC = {"lr": 1e-4, "max_steps": 0, "eval_max_examples": 0}
+# The embedded healthcare default, tuned on 2 CPU cores (see the README for the measured run).
+EMBEDDED_TASK = {"lr": 5e-4, "max_steps": 50, "eval_max_examples": 150}
+
+
+@dataclass
+class RewardConfig:
+    # --- model ---
+    model: str | None = None  # local HF causal-LM dir; None = the embedded SmolLM2-135M-Instruct
+    cache_dir: str | None = None
+    load_in_4bit: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    patch: bool = True
+
+    # --- data ---
+    data: list[str] | None = None  # preference files; None = the embedded healthcare pairs
+    eval_data: list[str] | None = None  # held-out pairs; None = eval_split of data (default: the test split)
+    eval_split: float = 0.1
+    max_length: int = 512  # longer sequences keep their LAST max_length tokens
+    center: float = 0.0  # weight of the centering term c·(r_chosen + r_rejected)²
+
+    # --- LoRA and head ---
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+    # --- optimization ---
+    optimizer: str = "auto"
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    batch_size: int = 8  # pairs per micro-batch (2x sequences)
+    grad_accum: int = 1
+    max_steps: int | None = None  # 0 = run `epochs` epochs
+    epochs: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    # --- evaluation ---
+    eval_every: int = 0
+    eval_max_examples: int | None = None  # held-out pairs scored; 0 = all
+    eval_batch_size: int = 16  # pairs
+
+    # --- output ---
+    output_dir: str = "runs/rm"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    progress: bool = True
+
+    # construction and (de)serialization are SFTConfig's: they only use the class's own fields
+    field_names = SFTConfig.__dict__["field_names"]
+    from_dict = SFTConfig.__dict__["from_dict"]
+    from_yaml = SFTConfig.__dict__["from_yaml"]
+    to_dict = SFTConfig.to_dict
+    _check_choice = SFTConfig._check_choice
+
+    def __post_init__(self) -> None:
+        for name in ("data", "eval_data"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, [v])
+            elif v is not None:
+                setattr(self, name, [str(p) for p in v])
+        self._check_choice("scheduler", SCHEDULERS)
+        self._check_choice("optimizer", OPTIMIZERS)
+        self._check_choice("dtype", DTYPES)
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_max_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.center < 0:
+            raise ValueError(f"center must be >= 0, got {self.center}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("set max_steps > 0 or epochs > 0")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+    def resolved(self) -> "RewardConfig":
+        preset = EMBEDDED_TASK if self.data is None else GENERIC
+        return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+# ----------------------------------------------------------------------- data
+def load_data(cfg: RewardConfig) -> dict[str, Any]:
+    """Checked train / held-out pairs and their format; reads every file before anything is written."""
+    from .pairs import check_pairs, detect_format, load_pairs
+
+    if cfg.data is None:
+        from .defaults import preferences
+
+        return {"task": "healthcare-preferences", "format": "chat_pairs",
+                "train": check_pairs(preferences.pairs("train"), "chat_pairs"),
+                "eval": check_pairs(preferences.pairs("test"), "chat_pairs")}
+    records = load_pairs(cfg.data)
+    fmt = detect_format(records)
+    train = check_pairs(records, fmt)
+    if cfg.eval_data:
+        ev_records = load_pairs(cfg.eval_data)
+        ev_fmt = detect_format(ev_records)
+        if (ev_fmt == "chat_pairs") != (fmt == "chat_pairs"):
+            raise ValueError(f"eval data is {ev_fmt!r} but the training data is {fmt!r}; use one kind of rows")
+        held = check_pairs(ev_records, ev_fmt)
+    elif cfg.eval_split > 0 and len(train) >= 2:
+        idx = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(idx)
+        n = max(1, int(round(len(train) * cfg.eval_split)))
+        held = [train[i] for i in sorted(idx[:n])]
+        train = [train[i] for i in sorted(idx[n:])]
+    else:
+        held = []
+    return {"task": "custom", "format": fmt, "train": train, "eval": held}
+
+
+# ----------------------------------------------------------------- scoring
+def pair_scores(base, items: list[dict], pad_token_id: int, device, *, shared: bool = True,
+                role: str = "reward") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(r_chosen (B,), r_rejected (B,), tokens run) of a batch of encoded pairs.
+
+    With ``shared`` (and a common prompt in every pair) the prompt runs once and both
+    responses continue from its cache (``SharedBase.score_continuations``): a pair costs
+    prompt + 2 responses tokens instead of 2 x (prompt + response). Otherwise the 2B whole
+    sequences run in one batch. Both give the same scores up to rounding (tested)."""
+    from .pairs import collate_pairs, collate_shared
+
+    B = len(items)
+    if shared and all(it["shared"] >= 1 for it in items):
+        b = collate_shared(items, pad_token_id)
+        scores = base.score_continuations(role, b["prompt_ids"].to(device), b["prompt_mask"].to(device),
+                                          b["cont_ids"].to(device), b["cont_mask"].to(device))
+        tokens = int(b["prompt_mask"].sum() + b["cont_mask"].sum())
+        return scores[0::2], scores[1::2], tokens
+    b = collate_pairs(items, pad_token_id)
+    scores = base(role, b["input_ids"].to(device), b["attention_mask"].to(device))
+    return scores[:B], scores[B:], int(b["attention_mask"].sum())
+
+
+# ----------------------------------------------------------------- evaluation
+@torch.no_grad()
+def score_pairs(base, items: list[dict], pad_token_id: int, *, batch_size: int = 16,
+                role: str = "reward", shared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen scores, rejected scores), each (N,) float32, in the order of ``items``."""
+    was_training = base.training
+    base.eval()
+    try:
+        # longest first: less padding; the scores do not depend on the batching
+        order = sorted(range(len(items)), key=lambda i: -max(len(items[i]["chosen_ids"]), len(items[i]["rejected_ids"])))
+        rc = torch.empty(len(items))
+        rr = torch.empty(len(items))
+        device = next(base.lm.parameters()).device
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            c, r, _ = pair_scores(base, [items[i] for i in idx], pad_token_id, device, shared=shared, role=role)
+            rc[idx], rr[idx] = c.float().cpu(), r.float().cpu()
+    finally:
+        base.train(was_training)
+    return rc, rr
+
+
+def pairwise_metrics(rc: torch.Tensor, rr: torch.Tensor, kinds: list[str | None] | None = None) -> dict:
+    """Accuracy (chosen scored strictly higher), mean margin r_c - r_r, and per-kind accuracy."""
+    diff = rc - rr
+    out: dict[str, Any] = {"accuracy": float((diff > 0).float().mean()), "mean_margin": float(diff.mean()),
+                           "chosen_mean": float(rc.mean()), "rejected_mean": float(rr.mean()), "pairs": len(rc)}
+    if kinds and any(k is not None for k in kinds):
+        per: dict[str, list[bool]] = {}
+        for k, d in zip(kinds, diff.tolist()):
+            per.setdefault(str(k), []).append(d > 0)
+        out["accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(per.items())}
+    return out
+
+
+def _evaluate(base, items, pad_id, cfg) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    rc, rr = score_pairs(base, items, pad_id, batch_size=cfg.eval_batch_size,
+                         shared=not cfg.gradient_checkpointing)
+    return pairwise_metrics(rc, rr, [it.get("kind") for it in items]), rc, rr
+
+
+# ------------------------------------------------------------------ checkpoints
+class _RewardSaver:
+    """What ``checkpoint.save_checkpoint`` saves as the model: the reward adapter + head, in
+    the sequence-classification format of the final result."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def save_pretrained(self, path) -> None:
+        self.base.export_sequence_classification("reward", path)
+
+
+def _load_checkpoint(path: Path, base, optimizer, scheduler) -> dict:
+    state_file = path / ckpt.STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete (missing {ckpt.STATE_FILE})")
+    base.load_sequence_classification("reward", path / "adapter")  # shapes checked, file named
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    return state["trainer"] | {"step": state["step"]}
+
+
+# ------------------------------------------------------------------ the run
+def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict], bool | None] | None = None,
+           **overrides: Any) -> dict:
+    """Train a reward model; return the summary (also ``output_dir/summary.json``).
+
+    ``on_step(step, metrics)`` runs after every optimizer step; returning True stops early.
+    """
+    from ..rl.math import reward_loss
+    from .data import batch_order
+    from .pairs import encode_pairs
+    from .sft import _Log, make_optimizer, make_scheduler, plot_curve, print_summary
+
+    if config is None:
+        cfg = RewardConfig.from_dict(overrides, source="reward()")
+    else:
+        cfg = RewardConfig.from_dict({**config.to_dict(), **overrides}, source="reward()") if overrides else config
+    cfg = cfg.resolved()
+    log = _Log(cfg.progress)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    out = Path(cfg.output_dir)
+
+    # ---- checks that write nothing
+    resume_from = ckpt.check_output_dir(out, resume=cfg.resume)
+    if resume_from is not None:
+        ckpt.check_resume_config(out, cfg.to_dict())
+    data = load_data(cfg)
+    from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    train_items, stats = encode_pairs(data["train"], tokenizer, data["format"], max_length=cfg.max_length)
+    log(f"train pairs: {stats}")
+    held = data["eval"][: cfg.eval_max_examples] if cfg.eval_max_examples else data["eval"]
+    eval_items = []
+    if held:
+        eval_items, eval_stats = encode_pairs(held, tokenizer, data["format"], max_length=cfg.max_length)
+        log(f"held-out pairs: {eval_stats}")
+    if cfg.eval_every and not eval_items:
+        raise ValueError("eval_every needs held-out pairs: set eval_data or eval_split > 0")
+    micro_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+
+    # ---- model: one 4-bit base, the reward role
+    from ..rl.base import SharedBase
+
+    lm = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.enable_input_require_grads()
+    base = SharedBase.from_model(lm, patch=cfg.patch)
+    base.add_role("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                  target_modules=cfg.target_modules, seed=cfg.seed)
+    params = base.trainable_parameters(["reward"])
+    shared = not cfg.gradient_checkpointing  # checkpointing turns the prompt cache off
+    optimizer = make_optimizer(cfg, params, device)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+
+    # ---- the output dir is created only now that every input checked out
+    run_info = {"config": cfg.to_dict(), "model_path": str(model_path), "device": str(device), "dtype": str(dtype),
+                "total_steps": total_steps, "task": data["task"]}
+    if resume_from is None:
+        ckpt.init_output_dir(out, run_info)
+    metrics_path = out / "metrics.jsonl"
+    state: dict[str, Any] = {"micro": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
+                             "before": {}, "before_scores": None, "history": []}
+    step = 0
+    if resume_from is not None:
+        state.update(_load_checkpoint(resume_from, base, optimizer, scheduler))
+        step = state.pop("step")
+        kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
+        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
+        log(f"resumed from {resume_from} at step {step}/{total_steps}")
+
+    # ---- before training
+    if resume_from is None and eval_items:
+        t_eval = time.perf_counter()
+        before, rc0, rr0 = _evaluate(base, eval_items, pad_id, cfg)
+        before["seconds"] = time.perf_counter() - t_eval
+        state["before"] = before
+        state["before_scores"] = {"chosen": rc0.tolist(), "rejected": rr0.tolist()}
+        log(f"held-out pairwise accuracy before training: {before['accuracy']:.1%} ({len(eval_items)} pairs)")
+        ckpt.append_jsonl(metrics_path, {"step": 0, "event": "before", **_flat(before)})
+
+    # ---- train
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="rm", dynamic_ncols=True)
+    base.train()
+    try:
+        while step < total_steps:
+            t0, c0 = time.perf_counter(), time.process_time()
+            batches = []
+            for _ in range(cfg.grad_accum):
+                epoch, pos = divmod(state["micro"], micro_per_epoch)
+                idx = batch_order(len(train_items), cfg.batch_size, seed=cfg.seed, epoch=epoch)[pos]
+                batches.append([train_items[i] for i in idx])
+                state["micro"] += 1
+            n_total = sum(len(b) for b in batches)
+            loss_sum, correct, margin_sum, tokens = 0.0, 0, 0.0, 0
+            for items in batches:
+                rc, rr, n_tok = pair_scores(base, items, pad_id, device, shared=shared)
+                margin = torch.tensor([float(it["margin"]) for it in items], device=device)
+                loss = reward_loss(rc, rr, margin, center=cfg.center)
+                # mean over the micro-batch's pairs x its share of the step's pairs = mean over all
+                (loss * (len(items) / n_total)).backward()
+                loss_sum += float(loss.detach()) * len(items)
+                diff = (rc - rr).detach().float()
+                correct += int((diff > 0).sum())
+                margin_sum += float(diff.sum())
+                tokens += n_tok
+            grad_norm = None
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            state["train_seconds"] += dt
+            state["train_cpu_seconds"] += time.process_time() - c0
+            state["pairs"] += n_total
+            state["tokens"] += tokens
+            rec = {"step": step, "loss": loss_sum / n_total, "accuracy": correct / n_total,
+                   "mean_margin": margin_sum / n_total, "lr": lr, "grad_norm": grad_norm, "pairs": n_total,
+                   "tokens": tokens, "pairs_per_second": n_total / dt if dt > 0 else None,
+                   "epoch": state["micro"] / micro_per_epoch}
+            if step % cfg.log_every == 0 or step == total_steps:
+                ckpt.append_jsonl(metrics_path, rec)
+            state["history"].append({"step": step, "loss": rec["loss"]})
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.2f}", lr=f"{lr:.1e}")
+                bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                m, _, _ = _evaluate(base, eval_items, pad_id, cfg)
+                ckpt.append_jsonl(metrics_path, {"step": step, "event": "eval", **_flat(m)})
+                log(f"step {step} held-out pairwise accuracy {m['accuracy']:.1%}, mean margin {m['mean_margin']:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                ckpt.save_checkpoint(out, step, _RewardSaver(base), optimizer, scheduler, state,
+                                     keep=cfg.keep_checkpoints)
+            if on_step is not None and on_step(step, rec):
+                break
+    except KeyboardInterrupt:
+        last = ckpt.latest_checkpoint(out)
+        log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
+                                               if last else "no checkpoint was saved (set save_every to allow resuming)"))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- after training
+    adapter_dir = base.export_sequence_classification("reward", out / "adapter")
+    log(f"reward model saved to {adapter_dir}")
+    after: dict[str, Any] = {}
+    if eval_items:
+        t_eval = time.perf_counter()
+        after, rc1, rr1 = _evaluate(base, eval_items, pad_id, cfg)
+        after["seconds"] = time.perf_counter() - t_eval
+        ckpt.append_jsonl(metrics_path, {"step": step, "event": "after", **_flat(after)})
+        ckpt.write_json_atomic(out / "scores.json", {"before": state.get("before_scores"),
+                                                     "after": {"chosen": rc1.tolist(), "rejected": rr1.tolist()}})
+        try:
+            plot_scores(state.get("before_scores"), {"chosen": rc1.tolist(), "rejected": rr1.tolist()},
+                        out / "scores.png")
+        except Exception as e:  # a plot must never lose a finished run
+            log(f"could not draw the score histogram: {e}")
+    before = state["before"]
+    summary = {
+        "task": data["task"],
+        "model": str(model_path),
+        "starts_from": "base model (no SFT adapter)",
+        "device": str(device),
+        "patched": bool(cfg.patch),
+        "steps": step,
+        "total_steps": total_steps,
+        "train_pairs": len(train_items),
+        "eval_pairs": len(eval_items),
+        "truncated_sequences": stats.truncated,
+        "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"),
+        "accuracy_by_kind_before": before.get("accuracy_by_kind"),
+        "accuracy_by_kind_after": after.get("accuracy_by_kind"),
+        "mean_margin_before": before.get("mean_margin"),
+        "mean_margin_after": after.get("mean_margin"),
+        "chosen_mean_after": after.get("chosen_mean"),
+        "rejected_mean_after": after.get("rejected_mean"),
+        "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "train_seconds": state["train_seconds"],
+        "train_cpu_seconds": state["train_cpu_seconds"],
+        "pairs_per_second": state["pairs"] / state["train_seconds"] if state["train_seconds"] else None,
+        "eval_seconds_before": before.get("seconds"),
+        "eval_seconds_after": after.get("seconds"),
+        "total_seconds": time.perf_counter() - t_start,
+        "total_cpu_seconds": time.process_time() - cpu_start,
+        "adapter": str(adapter_dir),
+    }
+    ckpt.write_json_atomic(out / "summary.json", summary)
+    try:
+        plot_curve(metrics_path, out / "curve.png", title="fastlora rm")
+    except Exception as e:
+        log(f"could not draw the curve: {e}")
+    if cfg.progress:
+        print_summary(summary, SUMMARY_ROWS, title="fastlora rm")
+    return summary
+
+
+def _flat(m: dict) -> dict:
+    out = {k: m[k] for k in ("accuracy", "mean_margin", "chosen_mean", "rejected_mean") if k in m}
+    for k, v in (m.get("accuracy_by_kind") or {}).items():
+        out[f"accuracy_{k}"] = v
+    return out
+
+
+SUMMARY_ROWS = (
+    ("accuracy_before", "held-out pairwise accuracy before", "{:.1%}"),
+    ("accuracy_after", "held-out pairwise accuracy after", "{:.1%}"),
+    ("mean_margin_before", "mean margin r_chosen - r_rejected before", "{:.3f}"),
+    ("mean_margin_after", "mean margin r_chosen - r_rejected after", "{:.3f}"),
+    ("eval_pairs", "held-out pairs", "{}"),
+    ("train_pairs", "training pairs", "{}"),
+    ("truncated_sequences", "training sequences truncated", "{}"),
+    ("final_train_loss", "final train loss", "{:.4f}"),
+    ("steps", "steps", "{}"),
+    ("train_seconds", "train time (s)", "{:.1f}"),
+    ("train_cpu_seconds", "train CPU time of this process (s)", "{:.1f}"),
+    ("pairs_per_second", "pairs/s", "{:.1f}"),
+    ("total_seconds", "whole run (s)", "{:.1f}"),
+    ("total_cpu_seconds", "whole run, CPU time of this process (s)", "{:.1f}"),
+    ("adapter", "reward model (PEFT SEQ_CLS adapter)", "{}"),
+)
+
+
+def plot_scores(before: dict | None, after: dict, png_path: str | Path) -> Path:
+    """Histograms of the held-out chosen vs rejected scores, before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("before training", before)] if before else []
+    panels.append(("after training", after))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, sc) in zip(axes[0], panels):
+        lo = min(min(sc["chosen"]), min(sc["rejected"]))
+        hi = max(max(sc["chosen"]), max(sc["rejected"]))
+        bins = torch.linspace(lo, hi if hi > lo else lo + 1e-3, 31).tolist()
+        ax.hist(sc["rejected"], bins=bins, alpha=0.6, label="rejected", color="tab:red")
+        ax.hist(sc["chosen"], bins=bins, alpha=0.6, label="chosen", color="tab:green")
+        acc = sum(c > r for c, r in zip(sc["chosen"], sc["rejected"])) / len(sc["chosen"])
+        ax.set_title(f"{title}: pairwise accuracy {acc:.1%}")
+        ax.set_xlabel("reward score")
+        ax.set_ylabel("held-out responses")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("fastlora rm: score distribution")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
