@@ -43,8 +43,8 @@ def toy_dir(tmp_path_factory) -> Path:
     (out / "toy_reward.py").write_text(
         "def first_word(prompts, responses):\n"
         "    return [1.0 if r.split() and r.split()[0] in 'abcdefgh' else 0.0 for r in responses]\n"
-        "def nan_on_b(prompts, responses):\n"
-        "    return [float('nan') if r.split()[:1] == ['b'] else 0.0 for r in responses]\n"
+        "def nan_first(prompts, responses):\n"
+        "    return [float('nan')] + [0.0] * (len(responses) - 1)\n"
         "def broken(prompts, responses):\n"
         "    raise RuntimeError('scorer crashed')\n")
     return out
@@ -100,24 +100,25 @@ def test_toy_reward_rises_and_outputs(toy_dir, tmp_path):
 
 
 def test_resume_gives_identical_metrics(toy_dir, tmp_path):
-    """Killed after step 3 (checkpoint at 2), resumed: steps 3-5 equal an uninterrupted run's."""
+    """Killed after step 3 (checkpoint at 2), resumed: steps 3-4 equal an uninterrupted run's."""
     from fastlora.train.ppo import ppo
 
     a, b = tmp_path / "a", tmp_path / "b"
-    ppo(_cfg(toy_dir, a, max_steps=5, save_every=2))
+    small = dict(max_steps=4, save_every=2, batch_size=8)
+    ppo(_cfg(toy_dir, a, **small))
 
     def kill(step, metrics):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ppo(_cfg(toy_dir, b, max_steps=5, save_every=2), on_step=kill)
+        ppo(_cfg(toy_dir, b, **small), on_step=kill)
     with pytest.raises(ValueError, match="already holds a run"):
-        ppo(_cfg(toy_dir, b, max_steps=5, save_every=2))
-    ppo(_cfg(toy_dir, b, max_steps=5, save_every=2, resume=True))
+        ppo(_cfg(toy_dir, b, **small))
+    ppo(_cfg(toy_dir, b, resume=True, **small))
     sa, sb = _steps(a), _steps(b)
-    assert sorted(sb) == [1, 2, 3, 4, 5]
-    for s in range(1, 6):
+    assert sorted(sb) == [1, 2, 3, 4]
+    for s in range(1, 5):
         for k in ("score", "kl", "policy_loss", "value_loss", "approx_kl"):
             assert sb[s][k] == pytest.approx(sa[s][k], rel=1e-5, abs=1e-6), (s, k)
 
@@ -125,9 +126,10 @@ def test_resume_gives_identical_metrics(toy_dir, tmp_path):
 def test_grpo_and_shared_critic_run(toy_dir, tmp_path):
     from fastlora.train.ppo import ppo
 
-    s1 = ppo(_cfg(toy_dir, tmp_path / "grpo", advantage="grpo", group_size=4, batch_size=4, max_steps=2))
-    s2 = ppo(_cfg(toy_dir, tmp_path / "shared", critic="shared", max_steps=2, kl_target=0.5, kl_horizon=100))
-    assert s1["episodes"] == 2 * 16 and s2["episodes"] == 2 * 16
+    s1 = ppo(_cfg(toy_dir, tmp_path / "grpo", advantage="grpo", group_size=4, batch_size=2, max_steps=2))
+    s2 = ppo(_cfg(toy_dir, tmp_path / "shared", critic="shared", batch_size=8, max_steps=2, kl_target=0.5,
+                  kl_horizon=100))
+    assert s1["episodes"] == 2 * 8 and s2["episodes"] == 2 * 8
     g = _steps(tmp_path / "grpo")
     assert "value_loss" not in g[1] and math.isfinite(g[2]["policy_loss"])
     sh = _steps(tmp_path / "shared")
@@ -250,11 +252,12 @@ def test_bad_input(toy_dir, tmp_path):
     # a reward function that raises: stop names the prompt and response
     with pytest.raises(RewardError, match=r"raised RuntimeError: scorer crashed on sample 0: prompt 'question"):
         ppo(_cfg(toy_dir, tmp_path / "e", reward_fn=f"{toy_dir / 'toy_reward.py'}:broken",
-                 on_reward_error="stop", max_steps=1))
+                 on_reward_error="stop", max_steps=1, batch_size=8))
     # NaN on some samples: skipped (reported), the run goes on
-    s = ppo(_cfg(toy_dir, tmp_path / "f", reward_fn=f"{toy_dir / 'toy_reward.py'}:nan_on_b", max_steps=2))
+    s = ppo(_cfg(toy_dir, tmp_path / "f", reward_fn=f"{toy_dir / 'toy_reward.py'}:nan_first", max_steps=2,
+                 batch_size=8))
     steps = _steps(tmp_path / "f")
-    assert s["steps"] == 2 and sum(r["skipped"] for r in steps.values()) > 0
+    assert s["steps"] == 2 and [r["skipped"] for r in steps.values()] == [1, 1]
     assert all(math.isfinite(r["policy_loss"]) for r in steps.values())
 
 
@@ -283,3 +286,21 @@ def test_rule_reward():
                                              '{"category": "dentist"}', "billing", '{"category": "billing", "x": 1}'],
                                  label=["billing", "billing", "billing", "billing", "billing"])
     assert out == [1.0, -1.0, -1.0, -2.0, -2.0]
+
+
+def test_reward_model_role_scores_rollouts(toy_dir, tmp_path):
+    """A `fastlora rm`-format reward model (SEQ_CLS adapter + score head) becomes the
+    frozen reward role; its score plus a weighted reward function drive a PPO step."""
+    from fastlora.rl.base import SharedBase
+    from fastlora.train.model import load_base
+    from fastlora.train.ppo import ppo
+
+    lm = load_base(toy_dir, load_in_4bit=True, dtype=torch.float32, device=torch.device("cpu"))
+    rm = SharedBase.from_model(lm, patch=False)
+    rm.add_role("reward", r=4, alpha=8, seed=5, head_init_std=0.5)
+    rm.export_sequence_classification("reward", tmp_path / "rm" / "adapter")
+    s = ppo(_cfg(toy_dir, tmp_path / "run", reward_model=str(tmp_path / "rm"), reward_fn_weight=0.5, max_steps=1,
+                 batch_size=8))
+    assert "reward model" in s["reward"] and "x0.5" in s["reward"]
+    rec = _steps(tmp_path / "run")[1]
+    assert math.isfinite(rec["score"]) and rec["score_std"] > 0  # the head gives varied scores
