@@ -304,3 +304,14 @@ def test_reward_model_role_scores_rollouts(toy_dir, tmp_path):
     assert "reward model" in s["reward"] and "x0.5" in s["reward"]
     rec = _steps(tmp_path / "run")[1]
     assert math.isfinite(rec["score"]) and rec["score_std"] > 0  # the head gives varied scores
+
+
+def test_cli_parses_and_reports_bad_options(capsys, tmp_path):
+    from fastlora.cli import main
+
+    assert main(["ppo", "--data", "p.jsonl", "--batch-size", "16", "--mini-batch-size", "5",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "does not divide into mini-batches of mini_batch_size=5" in capsys.readouterr().err
+    assert main(["ppo", "--kl-kind", "k2", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "kl_kind='k2' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
