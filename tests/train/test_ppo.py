@@ -315,3 +315,25 @@ def test_cli_parses_and_reports_bad_options(capsys, tmp_path):
     assert main(["ppo", "--kl-kind", "k2", "--output-dir", str(tmp_path / "o")]) == 2
     assert "kl_kind='k2' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_embedded_task_prompts_and_test_reward(smollm_tokenizer):
+    """The no-argument run's inputs: the healthcare train prompts rendered with the chat
+    template up to the generation prompt (labels reach the rule reward), and the mean rule
+    reward of greedy test answers."""
+    from fastlora.train.ppo import Scorer, _mean_score, load_prompts
+    from fastlora.train.ppo_config import PPOConfig
+    from fastlora.train.rewards import healthcare_rule_reward
+
+    cfg = PPOConfig(test_max_examples=3).resolved()
+    data = load_prompts(cfg, smollm_tokenizer)
+    assert data["task"] == "healthcare" and len(data["prompts"]) == 1920 and len(data["test"]) == 3
+    p = data["prompts"][0]
+    assert p.prompt.endswith("<|im_start|>assistant\n") and p.columns["label"] in ("symptoms", "appointment", "billing")
+    assert '"category"' not in p.prompt.split("<|im_start|>user")[-1]  # the answer is not in the prompt
+    items = data["test"]
+    wrong = next(c for c in ("symptoms", "appointment", "billing") if c != items[1].label)
+    details = [{"output": json.dumps({"category": items[0].label})}, {"output": json.dumps({"category": wrong})},
+               {"output": "I think it is billing"}]
+    scorer = Scorer(cfg, None, healthcare_rule_reward, print)
+    assert _mean_score(scorer, None, smollm_tokenizer, cfg, items, details) == pytest.approx((1 - 1 - 2) / 3)
