@@ -395,18 +395,18 @@ def micro_loss(base, cfg: PPOConfig, b: Batch, idx: list[int], beta: float) -> t
     pl, pst = rl.policy_loss(logp, ro.old_logp.to(dev), b.advantages[t], mask, clip=cfg.clip)
     ent_mean = rl.entropy_bonus(ent, mask)
     loss = pl - cfg.ent_coef * ent_mean if cfg.ent_coef else pl
-    stats = {"policy_loss": float(pl), "entropy": float(ent_mean), **pst}
+    stats = {"policy_loss": float(pl.detach()), "entropy": float(ent_mean.detach()), **pst}
     if cfg.advantage == "grpo":
         if beta:
             kl = rl.masked_mean(rl.kl_penalty(logp, b.ref_logp[t], "k3"), mask)
             loss = loss + beta * kl
-            stats["kl_loss"] = float(kl)
+            stats["kl_loss"] = float(kl.detach())
     else:
         hc = h if cfg.critic == "shared" else base.hidden_states("critic", ids, attn)
         values = response_values(base, ro, hc)
         vl, vst = rl.value_loss(values, b.old_values[t], b.returns[t], mask, clip=cfg.vf_clip)
         loss = loss + cfg.vf_coef * vl
-        stats.update({"value_loss": float(vl), **vst})
+        stats.update({"value_loss": float(vl.detach()), **vst})
     return loss, stats
 
 

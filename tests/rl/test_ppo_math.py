@@ -205,7 +205,7 @@ def _value_loop(values, old_values, returns, mask, clip):
             vc = vo + torch.clamp(v - vo, -clip, clip)
             e1, e2 = (v - r) ** 2, (vc - r) ** 2
             total = total + torch.maximum(e1, e2)
-            clipped += bool(e2 > e1)
+            clipped += bool((e2 > e1).detach())
             n += 1
     return 0.5 * total / n, clipped / n
 
