@@ -337,3 +337,23 @@ def test_embedded_task_prompts_and_test_reward(smollm_tokenizer):
                {"output": "I think it is billing"}]
     scorer = Scorer(cfg, None, healthcare_rule_reward, print)
     assert _mean_score(scorer, None, smollm_tokenizer, cfg, items, details) == pytest.approx((1 - 1 - 2) / 3)
+
+
+def test_rlhf_skips_finished_stages_and_tabulates(tmp_path, capsys):
+    from fastlora.train.rlhf import rlhf
+
+    sums = {"sft": {"accuracy_before": 0.0, "accuracy_after": 0.95, "retention": 0.97, "general_qa_before": 0.5,
+                    "final_train_loss": 0.2},
+            "rm": {"accuracy_before": 0.4, "accuracy_after": 0.98},
+            "ppo": {"accuracy_after": 0.96, "general_qa_after": 0.45, "test_reward_before": 0.9,
+                    "test_reward_after": 0.95}}
+    for stage, s in sums.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "summary.json").write_text(json.dumps(s))
+    out = rlhf(tmp_path, progress=False)
+    rows = {r[0]: r for r in out["table"]}
+    assert rows["SFT"][1] == "95.0%" and rows["PPO"][2] == "90.0%"  # retention against the base's general QA
+    assert "98.0%" in rows["reward model"][3] and "0.900 -> 0.950" in rows["PPO"][3]
+    (tmp_path / "rm" / "summary.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"rm/summary.json, line 1: malformed JSON"):
+        rlhf(tmp_path, progress=False)
