@@ -1,4 +1,5 @@
-"""The ``fastlora`` command: ``sft``, ``rm``, ``merge``, ``bench``, ``compare``, ``info``, ``generate`` and ``predict``.
+"""The ``fastlora`` command: ``sft``, ``rm``, ``ppo``, ``rlhf``, ``merge``, ``bench``, ``compare``, ``info``,
+``generate`` and ``predict``.
 
 It only parses and delegates: ``sft`` builds an :class:`~fastlora.train.SFTConfig` (from
 ``--config file.yaml`` if given, every flag overriding the file) and calls
@@ -92,6 +93,52 @@ _RM_HELP = {
     "eval_max_examples": "held-out pairs scored before and after training; 0 = all (default: 150 on the embedded task)",
     "eval_batch_size": "pairs per batch when scoring held-out pairs",
     "output_dir": "where the reward model (adapter/), metrics.jsonl, curve.png, scores.png and summary.json go",
+}
+
+
+# PPO's own options, and those whose meaning differs from SFT's.
+_PPO_HELP = {
+    "sft_adapter": "the SFT adapter the policy starts from; it stays frozen as the reference (default: the "
+                   "default SFT run's on the embedded task, else none: the raw base)",
+    "sft_output_dir": "embedded default: where the default SFT run is, run first if absent",
+    "data": "prompt files (prompt or messages records) (default: the embedded healthcare task)",
+    "test_data": "files scored greedily (exact match) before and after PPO (default: the embedded task's test set)",
+    "test_max_examples": "test examples scored before and after; 0 = all",
+    "measure_forgetting": "general QA after PPO, for retention",
+    "max_prompt_length": "prompt tokens kept (the end of longer prompts)",
+    "reward_model": "dir of a fastlora rm result, the reward role (default: the embedded default's if it exists)",
+    "reward_fn": "reward as module:function or file.py:function taking prompts and responses (default: the task's "
+                 "rule reward)",
+    "reward_model_weight": "weight of the reward model's score when both rewards are given",
+    "reward_fn_weight": "weight of the reward function's score when both rewards are given",
+    "score_clip": "clip scores to [-c, c] (default: off)",
+    "truncation_penalty": "score of a response that hits --max-new-tokens without a stop (default: off)",
+    "on_reward_error": "skip | stop: what a reward that raises or returns NaN does (the sample is named)",
+    "temperature": "rollout sampling temperature",
+    "top_p": "rollout nucleus sampling mass in (0, 1]",
+    "top_k": "rollout top-k; 0 = off",
+    "advantage": "gae (critic and GAE) or grpo (z-scored scores within a group of responses, no critic)",
+    "group_size": "grpo: responses sampled per prompt",
+    "critic": "separate (its own adapter and value head) or shared (value head on the policy's trunk)",
+    "ppo_epochs": "passes of PPO updates over each rollout",
+    "mini_batch_size": "rollout rows per optimizer step; must divide the rollout (default: the whole rollout)",
+    "clip": "policy ratio clip epsilon",
+    "vf_clip": "value clip epsilon",
+    "vf_coef": "weight of the value loss",
+    "ent_coef": "weight of the entropy bonus",
+    "gamma": "discount of GAE",
+    "lam": "lambda of GAE",
+    "kl_coef": "beta of the per-token KL penalty to the reference (the start value with --kl-target)",
+    "kl_kind": "KL estimator: k1, k3, abs or mse",
+    "kl_target": "adaptive KL controller target (default: off, a fixed --kl-coef)",
+    "kl_horizon": "adaptive KL controller horizon, in episodes",
+    "whiten_advantages": "whiten advantages over the valid tokens of the rollout",
+    "critic_lr": "learning rate of the critic (default: --lr)",
+    "sample_every": "log sample responses every N rollouts; 0 = never",
+    "batch_size": "prompts per rollout (x --group-size with grpo) (default: set by the task)",
+    "max_steps": "rollouts, each followed by --ppo-epochs of updates (default: set by the task)",
+    "lr": "learning rate of the policy (default: set by the task)",
+    "output_dir": "where the policy adapter, roles/, metrics.jsonl, samples.jsonl, curves.png and summary.json go",
 }
 
 
@@ -213,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--data", nargs="+", default=None,
                      help="passed to every run (default: the embedded task; see fastlora sft --help)")
 
+    from .train.ppo_config import PPOConfig
+
+    ppo = sub.add_parser("ppo", help="PPO/GRPO on one shared 4-bit base (no arguments: continue the default SFT run)")
+    ppo.add_argument("--config", help="YAML file of PPOConfig options; flags override it (default: none)")
+    ppo.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch CPU threads, >= 1 (default: torch's choice)")
+    _add_config_flags(ppo, PPOConfig, _PPO_HELP)
+
+    rlhf = sub.add_parser("rlhf", help="SFT -> reward model -> PPO on the embedded task, skipping finished stages")
+    rlhf.add_argument("--runs-dir", default="runs", help="where the stages' output dirs are (default: runs)")
+    rlhf.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch CPU threads, >= 1 (default: torch's choice)")
+    rlhf.add_argument("--cache-dir", default=None,
+                      help="where the embedded GGUF model is converted once (default: ~/.cache/fastlora)")
+
     sub.add_parser("info", help="print the backends available on this machine")
     _add_generate_parsers(sub)
     # Every subcommand, including those added above this line by other modules' helpers, gets --debug.
@@ -285,6 +347,24 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     from .train.reward import RewardConfig, reward
 
     return _run_trainer(args, RewardConfig, reward)
+
+
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    from .train.ppo import ppo
+    from .train.ppo_config import PPOConfig
+
+    return _run_trainer(args, PPOConfig, ppo)
+
+
+def _cmd_rlhf(args: argparse.Namespace) -> int:
+    from .train.rlhf import rlhf
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+    return 0
 
 
 @contextlib.contextmanager
@@ -360,7 +440,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"sft": _cmd_sft, "rm": _cmd_rm, "merge": _cmd_merge, "bench": _cmd_bench, "info": _cmd_info,
-               "generate": _cmd_generate, "predict": _cmd_generate, "compare": _cmd_compare}[args.command]
+               "generate": _cmd_generate, "predict": _cmd_generate, "compare": _cmd_compare, "ppo": _cmd_ppo,
+               "rlhf": _cmd_rlhf}[args.command]
     debug = getattr(args, "debug", False)
     try:
         return handler(args)

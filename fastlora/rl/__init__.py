@@ -21,6 +21,17 @@ _EXPORTS = {
     "RoleSpec": "fastlora.rl.base",
     "last_token_index": "fastlora.rl.base",
     "memory_estimate": "fastlora.rl.memory",
+    # PPO / GRPO per-token math
+    "KL_KINDS": "fastlora.rl.ppo",
+    "kl_penalty": "fastlora.rl.ppo",
+    "gae": "fastlora.rl.ppo",
+    "policy_loss": "fastlora.rl.ppo",
+    "value_loss": "fastlora.rl.ppo",
+    "entropy_bonus": "fastlora.rl.ppo",
+    "token_rewards": "fastlora.rl.ppo",
+    "group_advantages": "fastlora.rl.ppo",
+    "AdaptiveKLController": "fastlora.rl.ppo",
+    "FixedKLController": "fastlora.rl.ppo",
     "nf4_param_bytes": "fastlora.rl.memory",
 }
 

@@ -1,0 +1,892 @@
+"""PPO (and GRPO) for QLoRA on ONE frozen 4-bit base: ``fastlora.train.ppo(PPOConfig(...))``.
+
+Each rollout step:
+
+1. **Rollout.** ``fastlora.generate`` samples a response per prompt (k per prompt for
+   GRPO) with the ``policy`` adapter; the untempered fp32 log-probs of the sampled
+   tokens come from the same decode and are PPO's old log-probs (no second pass).
+2. **Score.** The ``reward`` role (a ``fastlora rm`` result), a ``module:function``, or
+   both weighted; optional clipping and a fixed score for a truncated response.
+3. **Reference and values.** Reference log-probs and the critic's values on the
+   sampled tokens, without grad, through ``fastlora.token_logprobs`` on gathered hidden
+   states: the ``[batch, length, vocab]`` logits never exist.
+4. **Advantages.** Per-token rewards −β·KL + score at the last token, GAE, whitening
+   (``fastlora.rl``); GRPO: the score's z-score in its group, KL (k3) in the loss.
+5. **Updates.** ``ppo_epochs`` passes over shuffled mini-batches of the rollout; each
+   mini-batch is one optimizer step, accumulated over ``grad_accum`` micro-batches and
+   normalized by the mini-batch's total valid tokens (as SFT does).
+
+**The reference is the SFT model, as a frozen adapter.** Merging the SFT adapter into the
+4-bit base would need a re-quantization that rounds most of the adapter's update away
+(see ``fastlora/train/merge.py``), so "all adapters off" would not be the SFT model. The
+SFT adapter is therefore loaded three times on the one base: ``reference`` (frozen),
+``policy`` and ``critic`` (trainable copies). At step 0 the policy and the reference are
+the same weights, so the KL is exactly 0 (tested). Without an SFT adapter the policy
+and critic start as fresh LoRA adapters and the reference is the base with adapters off.
+
+Reproducibility: every random choice (prompt order, sampling, mini-batch order) comes
+from generators seeded by (seed, step), so a resumed run continues with the same
+metrics as an uninterrupted one (tested).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from . import run as lifecycle
+from .console import Console, quiet_third_party
+from .ppo_config import PPOConfig
+
+
+
+# ------------------------------------------------------------------------ prompts
+@dataclass
+class PromptItem:
+    prompt: str  # the text the policy continues (chat-rendered with the generation prompt)
+    columns: dict  # the record's other fields, passed to a reward function (e.g. label)
+    special_tokens: bool = False  # tokenize the prompt with the tokenizer's special tokens
+
+
+def prompt_items(records: list[dict], tokenizer, fmt: str, *, source: str = "data") -> list[PromptItem]:
+    """Prompts to roll out from records: ``messages`` (the chat up to its last user turn,
+    with the generation prompt), ``prompt`` (a string) with or without ``completion``,
+    or Alpaca ``instruction``/``input``. Errors name the record."""
+    from .data import render_alpaca
+
+    items = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{source}: record {i} is a {type(r).__name__}, not an object")
+        cols = {k: v for k, v in r.items() if k not in ("messages", "prompt", "completion", "instruction", "input",
+                                                          "output")}
+        if (fmt in ("auto", "messages")) and "messages" in r:
+            msgs = r["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{source}: record {i}: 'messages' must be a non-empty list of turns")
+            last_user = max((j for j, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"),
+                            default=None)
+            if last_user is None:
+                raise ValueError(f"{source}: record {i}: 'messages' has no user turn to answer")
+            text = tokenizer.apply_chat_template(msgs[: last_user + 1], tokenize=False, add_generation_prompt=True)
+            items.append(PromptItem(text, cols, special_tokens=False))
+        elif fmt in ("auto", "prompt_completion") and isinstance(r.get("prompt"), str):
+            items.append(PromptItem(r["prompt"], cols, special_tokens=True))
+        elif fmt in ("auto", "alpaca") and isinstance(r.get("instruction"), str):
+            items.append(PromptItem(render_alpaca(r["instruction"], r.get("input") or ""), cols, special_tokens=True))
+        else:
+            raise ValueError(f"{source}: record {i} has no prompt: expected 'messages', 'prompt' or 'instruction' "
+                             f"(format {fmt}); it has {sorted(r)}")
+        if not items[-1].prompt.strip():
+            raise ValueError(f"{source}: record {i} has an empty prompt")
+    return items
+
+
+def load_prompts(cfg: PPOConfig, tokenizer) -> dict[str, Any]:
+    """Train prompts, test items (for the before/after accuracy) and the task's parser."""
+    from . import evaluate as ev
+    from .data import detect_format, load_records
+
+    if cfg.data is None:
+        from .defaults import healthcare
+
+        train = healthcare.load_split("train")
+        test = healthcare.load_split("test")
+        return {"task": "healthcare", "prompts": prompt_items(train, tokenizer, "messages", source="healthcare train"),
+                "test": ev.task_items(test[: cfg.test_max_examples or None], tokenizer, "messages"),
+                "parse": healthcare.parse_answer}
+    records: list[dict] = []
+    for p in cfg.data:
+        records.extend((dict(r, _source=p) for r in load_records(p)))
+    for r in records:
+        r.pop("_source")
+    if not records:
+        raise ValueError(f"prompt data {cfg.data} holds no records")
+    prompts = prompt_items(records, tokenizer, cfg.data_format, source=", ".join(cfg.data))
+    test = []
+    if cfg.test_data:
+        trecs: list[dict] = []
+        for p in cfg.test_data:
+            trecs.extend(load_records(p))
+        fmt = detect_format(trecs, cfg.data_format if cfg.data_format != "auto" else "auto")
+        test = ev.task_items(trecs[: cfg.test_max_examples or None], tokenizer, fmt)
+    return {"task": "custom", "prompts": prompts, "test": test, "parse": None}
+
+
+# ------------------------------------------------------------------------ rollouts
+@dataclass
+class Rollout:
+    """One rollout, laid out [left-padded prompt | response right-padded]: every row's
+    response starts at column ``P`` (position ids come from the attention mask, as in
+    generation, so the left padding changes nothing)."""
+
+    input_ids: torch.Tensor  # (N, P + Lr)
+    attention_mask: torch.Tensor  # (N, P + Lr)
+    P: int  # column of the first response token
+    tokens: torch.Tensor  # (N, Lr) response tokens (pad past the end)
+    mask: torch.Tensor  # (N, Lr) float 0/1: valid response tokens (the stop token included)
+    old_logp: torch.Tensor  # (N, Lr) untempered log-probs from the rollout itself
+    prompts: list[str]
+    texts: list[str]
+    truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without a stop
+    columns: dict  # reward-function columns, one list per field
+
+    def select(self, idx: list[int]) -> "Rollout":
+        t = torch.tensor(idx, dtype=torch.long)
+        return Rollout(self.input_ids[t], self.attention_mask[t], self.P, self.tokens[t], self.mask[t],
+                       self.old_logp[t], [self.prompts[i] for i in idx], [self.texts[i] for i in idx],
+                       self.truncated[t], {k: [v[i] for i in idx] for k, v in self.columns.items()})
+
+
+def build_rollout(prompt_ids: list[list[int]], sequences: list[torch.Tensor], logprobs: list[torch.Tensor],
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention, P, tokens, mask, old_logp) from per-row prompt ids and generated
+    tokens / log-probs. A row that generated nothing is an error."""
+    N = len(prompt_ids)
+    lens = [int(s.numel()) for s in sequences]
+    zero = [i for i, n in enumerate(lens) if n == 0]
+    if zero:
+        raise ValueError(f"response length 0 for rollout row(s) {zero[:10]}: generation returned no token")
+    empty = [i for i, p in enumerate(prompt_ids) if not p]
+    if empty:
+        raise ValueError(f"prompt of rollout row(s) {empty[:10]} has no token")
+    P, Lr = max(len(p) for p in prompt_ids), max(lens)
+    ids = torch.full((N, P + Lr), pad_id, dtype=torch.long)
+    attn = torch.zeros(N, P + Lr, dtype=torch.long)
+    tokens = torch.full((N, Lr), pad_id, dtype=torch.long)
+    mask = torch.zeros(N, Lr, dtype=torch.float32)
+    old = torch.zeros(N, Lr, dtype=torch.float32)
+    for i, (p, s, lp) in enumerate(zip(prompt_ids, sequences, logprobs)):
+        n = lens[i]
+        if lp.numel() != n:
+            raise ValueError(f"rollout row {i}: {n} tokens but {lp.numel()} log-probs")
+        ids[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        ids[i, P: P + n] = s.cpu()
+        attn[i, P - len(p): P + n] = 1
+        tokens[i, :n] = s.cpu()
+        mask[i, :n] = 1
+        old[i, :n] = lp.detach().float().cpu()
+    return ids, attn, P, tokens, mask, old
+
+
+def response_logprobs(base, role: str, ro: Rollout, *, entropy: bool = False, hidden: torch.Tensor | None = None):
+    """(N, Lr) log-probs of the response tokens under ``role`` (and entropy), from the
+    hidden states at the response positions only: no logits, no prompt-token work."""
+    dev = _device(base)
+    ids, attn = ro.input_ids.to(dev), ro.attention_mask.to(dev)
+    if hidden is None:
+        hidden = base.hidden_states(role, ids, attn)
+    P = ro.P
+    # columns P-1 .. end: hidden at P-1+j predicts response token j
+    return base.logprobs_from_hidden(hidden[:, P - 1:], ids[:, P - 1:], attn[:, P - 1:], return_entropy=entropy)
+
+
+def response_values(base, ro: Rollout, hidden: torch.Tensor) -> torch.Tensor:
+    """(N, Lr) the critic head on the hidden states that predict each response token."""
+    P, Lr = ro.P, ro.tokens.shape[1]
+    return base.head_values("critic", hidden[:, P - 1: P - 1 + Lr], ro.mask.to(hidden.device))
+
+
+def _device(base) -> torch.device:
+    return next(base.lm.parameters()).device
+
+
+# ------------------------------------------------------------------------ scoring
+class Scorer:
+    """The score of each response: reward model and/or reward function, weighted, then
+    the truncation penalty and clipping. Failed samples are reported and skipped (or stop
+    the run) by :func:`fastlora.train.rewards.call_reward_fn`."""
+
+    def __init__(self, cfg: PPOConfig, base, reward_fn, log):
+        self.cfg, self.base, self.fn, self.log = cfg, base, reward_fn, log
+        self.has_model = base is not None and "reward" in base.roles
+
+    @torch.no_grad()
+    def __call__(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (N,), ok (N,) bool)."""
+        from .rewards import call_reward_fn
+
+        cfg = self.cfg
+        N = len(ro.texts)
+        scores = torch.zeros(N, dtype=torch.float32)
+        ok = torch.ones(N, dtype=torch.bool)
+        if self.has_model:
+            dev = _device(self.base)
+            s = self.base.score("reward", ro.input_ids.to(dev), ro.attention_mask.to(dev)).float().cpu()
+            scores += cfg.reward_model_weight * s
+        if self.fn is not None:
+            vals, good = call_reward_fn(self.fn, ro.prompts, ro.texts, ro.columns, on_error=cfg.on_reward_error,
+                                        log=self.log)
+            scores += cfg.reward_fn_weight * torch.tensor(vals, dtype=torch.float32)
+            ok &= torch.tensor(good, dtype=torch.bool)
+        if cfg.truncation_penalty is not None:
+            scores = torch.where(ro.truncated, torch.tensor(cfg.truncation_penalty, dtype=torch.float32), scores)
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores, ok
+
+
+# ------------------------------------------------------------------------ the model
+def build_base(cfg: PPOConfig, lm, sft_adapter: Path | None, reward_dir: Path | None):
+    """The shared base with the roles this run needs (see the module docstring)."""
+    from fastlora.rl.base import SharedBase
+
+    base = SharedBase.from_model(lm, patch=cfg.patch)
+    fresh = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+    if sft_adapter is not None:
+        base.add_role("policy", from_pretrained=sft_adapter, trainable=True)
+        base.add_role("reference", from_pretrained=sft_adapter, trainable=False)
+    else:
+        base.add_role("policy", seed=cfg.seed, trainable=True, **fresh)
+    if cfg.advantage == "gae":
+        if cfg.critic == "shared":
+            base.add_role("critic", adapter="policy", kind="value", head=True, head_init_std=0.0)
+        elif sft_adapter is not None:
+            base.add_role("critic", from_pretrained=sft_adapter, trainable=True, kind="value", head=True,
+                          head_init_std=0.0)
+        else:
+            base.add_role("critic", seed=cfg.seed + 1, trainable=True, head_init_std=0.0, **fresh)
+    if reward_dir is not None:  # a `fastlora rm` result: SEQ_CLS adapter + its score head, frozen
+        base.add_role("reward", from_pretrained=reward_dir, kind="score", head=True, trainable=False)
+    return base
+
+
+def _trained_roles(cfg: PPOConfig) -> list[str]:
+    return ["policy"] + (["critic"] if cfg.advantage == "gae" else [])
+
+
+class _PolicySaver:
+    """The policy adapter alone, in PEFT's format (what ``run.save_final_adapter`` writes as adapter/)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def save_pretrained(self, path) -> None:
+        _save_policy(self.base, Path(path))
+
+
+class _Saver:
+    """What ``checkpoint.save_checkpoint`` saves as "the model": the trained roles'
+    adapters and heads together (SharedBase.save)."""
+
+    def __init__(self, base, roles):
+        self.base, self.roles = base, roles
+
+    def save_pretrained(self, path) -> None:
+        self.base.save(path, roles=self.roles)
+
+
+def load_ppo_checkpoint(path: Path, base, roles, optimizer) -> dict:
+    """Restore the trained roles, optimizer and RNG from a checkpoint dir; return the trainer dict.
+    The checksums are verified first, so a damaged file is named and nothing is half-loaded."""
+    problem = ckpt.verify_checkpoint(path)
+    if problem is not None:
+        raise ckpt.CheckpointError(path, problem)
+    base.load(path / "adapter", roles=roles)
+    return ckpt.load_training_state(path, optimizer, None, verify=False)
+
+
+# ------------------------------------------------------------------------ one step
+def _seed(cfg: PPOConfig, step: int, what: int) -> int:
+    return (cfg.seed * 1_000_003 + step * 101 + what) % (2**31 - 1)
+
+
+def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step: int) -> tuple[Rollout, dict]:
+    """Sample one response per item with the policy (fastlora.generate, log-probs from the decode)."""
+    import fastlora
+
+    prompt_ids = [list(tokenizer(it.prompt, add_special_tokens=it.special_tokens)["input_ids"]) for it in items]
+    too_long = [i for i, p in enumerate(prompt_ids) if len(p) > cfg.max_prompt_length]
+    if too_long:
+        # keep the end of the prompt: the generation prompt and the question are there
+        prompt_ids = [p[-cfg.max_prompt_length:] for p in prompt_ids]
+    P = max(len(p) for p in prompt_ids)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(items), P), pad, dtype=torch.long)
+    attn = torch.zeros(len(items), P, dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):] = 1
+    dev = _device(base)
+    stops = sorted(_stop_ids(base.lm, tokenizer))
+    t0 = time.perf_counter()
+    with base.activate("policy") as model:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                res = fastlora.generate(model, input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_k=cfg.top_k or None, top_p=cfg.top_p, seed=_seed(cfg, step, 1),
+                                        stop_token_ids=stops, return_logprobs=True)
+        finally:
+            model.train(was)
+    gen_s = time.perf_counter() - t0
+    seqs = [s.detach().cpu() for s in res.sequences]
+    full_ids, full_attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, list(res.logprobs), pad)
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+    truncated = torch.tensor([r == "length" for r in res.finish_reasons])
+    keys = sorted({k for it in items for k in it.columns})
+    columns = {k: [it.columns.get(k) for it in items] for k in keys}
+    ro = Rollout(full_ids, full_attn, P, tokens, mask, old, [it.prompt for it in items], texts, truncated, columns)
+    n_tok = int(mask.sum())
+    return ro, {"generate_seconds": gen_s, "rollout_tokens": n_tok,
+                "rollout_tokens_per_second": n_tok / gen_s if gen_s > 0 else None,
+                "prompts_truncated": len(too_long)}
+
+
+def _stop_ids(lm, tokenizer) -> set[int]:
+    stops = set()
+    for src in (getattr(lm, "generation_config", None), tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is None:
+            continue
+        stops.update([eos] if isinstance(eos, int) else list(eos))
+    return stops
+
+
+@dataclass
+class Batch:
+    """A rollout with everything the updates need (all (N, Lr) on the model's device)."""
+
+    ro: Rollout
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+
+
+def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta: float) -> tuple[Batch, dict]:
+    """Reference log-probs, values, per-token rewards, advantages (no grad)."""
+    from fastlora import rl
+
+    dev = _device(base)
+    mask = ro.mask.to(dev)
+    old = ro.old_logp.to(dev)
+    with torch.no_grad():
+        ref = response_logprobs(base, "reference", ro)
+        kl = rl.kl_penalty(old, ref, cfg.kl_kind)
+        seq_kl = rl.masked_sum(kl, mask, dim=1)  # (N,) KL of each response
+        stats = {"kl": float(seq_kl.mean()), "score": float(scores.mean()),
+                 "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+                 "response_length": float(mask.sum(1).mean())}
+        if cfg.advantage == "grpo":
+            adv = rl.group_advantages(scores.to(dev, torch.float32), cfg.group_size)[:, None] * mask
+            stats["non_score_reward"] = float(-beta * seq_kl.mean())
+            return Batch(ro, ref, None, adv, None), stats
+        h = base.hidden_states("critic", ro.input_ids.to(dev), ro.attention_mask.to(dev))
+        values = response_values(base, ro, h)
+        rewards, kl_m = rl.token_rewards(scores.to(dev, torch.float32), old, ref, mask, beta, cfg.kl_kind)
+        adv, ret = rl.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            adv = rl.whiten(adv, mask)
+        stats["non_score_reward"] = float(rl.masked_sum(-beta * kl_m, mask, dim=1).mean())
+        stats["reward"] = stats["score"] + stats["non_score_reward"]
+        stats["value_mean"] = float(rl.masked_mean(values, mask))
+        stats["return_mean"] = float(rl.masked_mean(ret, mask))
+    return Batch(ro, ref, values, adv, ret), stats
+
+
+def micro_loss(base, cfg: PPOConfig, b: Batch, idx: list[int], beta: float) -> tuple[torch.Tensor, dict]:
+    """The loss of the rows ``idx`` (mean over their valid tokens) and its stats."""
+    from fastlora import rl
+
+    dev = _device(base)
+    t = torch.tensor(idx, dtype=torch.long, device=dev)
+    ro = b.ro.select(idx)
+    mask = ro.mask.to(dev)
+    ids, attn = ro.input_ids.to(dev), ro.attention_mask.to(dev)
+    h = base.hidden_states("policy", ids, attn)
+    logp, ent = response_logprobs(base, "policy", ro, entropy=True, hidden=h)
+    pl, pst = rl.policy_loss(logp, ro.old_logp.to(dev), b.advantages[t], mask, clip=cfg.clip)
+    ent_mean = rl.entropy_bonus(ent, mask)
+    loss = pl - cfg.ent_coef * ent_mean if cfg.ent_coef else pl
+    stats = {"policy_loss": float(pl.detach()), "entropy": float(ent_mean.detach()), **pst}
+    if cfg.advantage == "grpo":
+        if beta:
+            kl = rl.masked_mean(rl.kl_penalty(logp, b.ref_logp[t], "k3"), mask)
+            loss = loss + beta * kl
+            stats["kl_loss"] = float(kl.detach())
+    else:
+        hc = h if cfg.critic == "shared" else base.hidden_states("critic", ids, attn)
+        values = response_values(base, ro, hc)
+        vl, vst = rl.value_loss(values, b.old_values[t], b.returns[t], mask, clip=cfg.vf_clip)
+        loss = loss + cfg.vf_coef * vl
+        stats.update({"value_loss": float(vl.detach()), **vst})
+    return loss, stats
+
+
+def ppo_updates(base, cfg: PPOConfig, b: Batch, optimizer, params: list, step: int, beta: float) -> dict:
+    """``ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch,
+    its micro-batches weighted by their share of the mini-batch's valid tokens."""
+    N = b.ro.tokens.shape[0]
+    counts = b.ro.mask.sum(1)
+    g = torch.Generator().manual_seed(_seed(cfg, step, 2))
+    acc: dict[str, list[float]] = {}
+    norms = []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(N, generator=g).tolist()
+        for s in range(0, N, cfg.mini_batch_size):
+            mb = perm[s: s + cfg.mini_batch_size]
+            micro = max(1, len(mb) // cfg.grad_accum)
+            parts = [mb[i: i + micro] for i in range(0, len(mb), micro)]
+            total = float(counts[mb].sum())
+            for part in parts:
+                loss, st = micro_loss(base, cfg, b, part, beta)
+                (loss * (float(counts[part].sum()) / total)).backward()
+                for k, v in st.items():
+                    acc.setdefault(k, []).append(v)
+            if cfg.max_grad_norm > 0:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    out = {k: sum(v) / len(v) for k, v in acc.items()}
+    if norms:
+        out["grad_norm"] = sum(norms) / len(norms)
+    return out
+
+
+# ------------------------------------------------------------------------ inputs
+DEFAULT_RM_DIR = "runs/rm"
+
+
+def find_reward_adapter(directory: str | Path) -> Path:
+    """The reward model of a ``fastlora rm`` result: its PEFT sequence-classification
+    adapter (the dir itself or its ``adapter`` subdir)."""
+    d = Path(directory)
+    for cand in (d, d / "adapter"):
+        if (cand / "adapter_config.json").is_file() and (cand / "adapter_model.safetensors").is_file():
+            return cand
+    raise FileNotFoundError(f"reward model {str(d)!r} holds no PEFT adapter (adapter_config.json + "
+                            f"adapter_model.safetensors, or an adapter/ subdir with them); train one with `fastlora rm`")
+
+
+def check_same_base(reward_dir: Path, model_path: Path) -> None:
+    """Refuse a reward model trained on another base (its adapter records the base path)."""
+    import json
+
+    for cfg_file in [reward_dir / "adapter_config.json"]:
+        recorded = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+        if not recorded or Path(recorded) == Path(model_path):
+            continue
+        a, b = Path(recorded) / "config.json", Path(model_path) / "config.json"
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+        if a.is_file() and b.is_file():
+            ca, cb = json.loads(a.read_text()), json.loads(b.read_text())
+            if all(ca.get(k) == cb.get(k) for k in keys):
+                continue
+        elif Path(recorded).name == Path(model_path).name:
+            continue
+        raise ValueError(f"reward model {str(reward_dir)!r} was trained on base {recorded!r} ({cfg_file}), "
+                         f"but the policy's base is {str(model_path)!r}: the roles must share one base")
+
+
+def resolve_sft_adapter(cfg: PPOConfig, log) -> Path | None:
+    """The SFT adapter the policy starts from; for the embedded task, the default SFT
+    run's (trained first when absent)."""
+    if cfg.sft_adapter is not None:
+        p = Path(cfg.sft_adapter)
+        if not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"sft_adapter {str(p)!r} is not a PEFT adapter dir (no adapter_config.json)")
+        return p
+    if cfg.data is not None:
+        return None
+    p = Path(cfg.sft_output_dir) / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    log(f"no SFT adapter at {p}: running the default SFT first (fastlora sft --output-dir {cfg.sft_output_dir})")
+    from .config import SFTConfig
+    from .sft import sft
+
+    sft(SFTConfig(model=cfg.model, cache_dir=cfg.cache_dir, output_dir=cfg.sft_output_dir, progress=cfg.progress,
+                  device=cfg.device, seed=cfg.seed), resume=ckpt.latest_checkpoint(cfg.sft_output_dir) is not None)
+    return p
+
+
+def resolve_reward(cfg: PPOConfig) -> tuple[Path | None, Any, str]:
+    """(reward save dir or None, reward function or None, description). Checks imports
+    before anything is loaded or written."""
+    from .rewards import healthcare_rule_reward, load_reward_fn
+
+    fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    rm = None
+    if cfg.reward_model is not None:
+        rm = find_reward_adapter(cfg.reward_model)
+    elif cfg.data is None and cfg.reward_fn is None:
+        try:
+            rm = find_reward_adapter(DEFAULT_RM_DIR)
+        except FileNotFoundError:
+            rm = None
+    if rm is None and fn is None:
+        if cfg.data is None:
+            fn = healthcare_rule_reward
+        else:
+            raise ValueError("no reward: set reward_model (a `fastlora rm` result) and/or reward_fn ('module:function')")
+    parts = []
+    if rm is not None:
+        parts.append(f"reward model {rm}" + (f" x{cfg.reward_model_weight:g}" if fn is not None else ""))
+    if fn is not None:
+        name = cfg.reward_fn or "the healthcare rule reward (+1 right label, -1 wrong label, -2 unparsable)"
+        parts.append(name + (f" x{cfg.reward_fn_weight:g}" if rm is not None else ""))
+    return rm, fn, " + ".join(parts)
+
+
+def _mean_score(scorer: Scorer, base, tokenizer, cfg: PPOConfig, items, details) -> float | None:
+    """Mean score of the greedy test answers (the PPO reward before/after)."""
+    if not details:
+        return None
+    # score the greedy outputs as rollouts: prompt + output tokens (+ the stop token)
+    eos = tokenizer.eos_token_id
+    prompt_ids, seqs = [], []
+    for it, d in zip(items, details):
+        prompt_ids.append(list(tokenizer(it.prompt, add_special_tokens=it.special_tokens)["input_ids"]))
+        out = list(tokenizer(d["output"], add_special_tokens=False)["input_ids"]) + [eos]
+        seqs.append(torch.tensor(out, dtype=torch.long))
+    ids, attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, [torch.zeros(len(s)) for s in seqs],
+                                                    tokenizer.pad_token_id)
+    cols = {"label": [it.label for it in items]}
+    ro = Rollout(ids, attn, P, tokens, mask, old, [it.prompt for it in items], [d["output"] for d in details],
+                 torch.zeros(len(items), dtype=torch.bool), cols)
+    scores = []
+    for s in range(0, len(items), cfg.eval_batch_size):
+        sc, ok = scorer(ro.select(list(range(s, min(len(items), s + cfg.eval_batch_size)))))
+        scores.extend(sc[ok].tolist())
+    return sum(scores) / len(scores) if scores else None
+
+
+# ------------------------------------------------------------------------ the run
+def ppo(config: PPOConfig | None = None, *, on_step: Callable[[int, dict], bool | None] | None = None,
+        **overrides: Any) -> dict:
+    """Run PPO (or GRPO) and return the summary (also written to ``output_dir/summary.json``).
+
+    ``config`` defaults to ``PPOConfig(**overrides)``; with ``config`` given, ``overrides``
+    replace its fields. ``on_step(step, metrics)`` is called after every rollout step;
+    returning True stops early (the final evaluation and saving still happen).
+    """
+    if config is None:
+        cfg = PPOConfig.from_dict(overrides, source="ppo()")
+    else:
+        cfg = PPOConfig.from_dict({**config.to_dict(), **overrides}, source="ppo()") if overrides else config
+    cfg = cfg.resolved()
+    log = Console(cfg.progress)
+    with quiet_third_party(bars=log.bars):
+        try:
+            return _ppo(cfg, log, on_step)
+        except lifecycle.RunFinished as done:
+            log(str(done))
+            return done.summary
+
+
+def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    out = Path(cfg.output_dir)
+
+    # ---- checks that write nothing
+    resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
+    if resume_from is not None:
+        ckpt.check_resume_config(out, cfg.to_dict())
+    reward_dir, reward_fn, reward_desc = resolve_reward(cfg)
+    from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir)
+    if reward_dir is not None:
+        check_same_base(reward_dir, model_path)
+    need, why = lifecycle.estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
+                                                save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+                                                copies=len(_trained_roles(cfg)) + 1)
+    lifecycle.preflight(out, need_bytes=need, why=why)
+    tokenizer = load_tokenizer(model_path)
+    data = load_prompts(cfg, tokenizer)
+    prompts = data["prompts"]
+    sft_adapter = resolve_sft_adapter(cfg, log)
+    if sft_adapter is not None:
+        check_same_base_adapter(sft_adapter, model_path)
+
+    # ---- model
+    lm = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
+    base = build_base(cfg, lm, sft_adapter, reward_dir)
+    roles = _trained_roles(cfg)
+    pol = base.trainable_parameters(["policy"])
+    groups = [{"params": pol}]
+    if cfg.advantage == "gae":
+        cri = [p for p in base.trainable_parameters(["critic"]) if all(p is not q for q in pol)]
+        groups.append({"params": cri, "lr": cfg.critic_lr or cfg.lr})
+    params = [p for g in groups for p in g["params"]]
+    from .sft import make_optimizer
+
+    optimizer = make_optimizer(cfg, groups, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; checkpoints keep one
+    kl_ctl = (rl_kl_controller(cfg))
+    scorer = Scorer(cfg, base, reward_fn, log)
+    log(f"PPO ({cfg.advantage}, critic {cfg.critic if cfg.advantage == 'gae' else 'none'}) on {model_path.name}: "
+        f"{len(prompts)} prompts, reward: {reward_desc}; reference: "
+        + (f"frozen SFT adapter {sft_adapter}" if sft_adapter else "the base (adapters off)"))
+
+    if resume_from is None:
+        ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path), device=str(device),
+                                                     dtype=str(dtype), reward=reward_desc,
+                                                     sft_adapter=str(sft_adapter) if sft_adapter else None))
+    else:
+        ckpt.clean_stale(out)
+    metrics_path = out / "metrics.jsonl"
+    metrics = lifecycle.MetricsWriter(metrics_path, log=log)
+    samples_path = out / "samples.jsonl"
+
+    state: dict[str, Any] = {"cursor": 0, "seconds": 0.0, "cpu_seconds": 0.0, "episodes": 0, "tokens": 0,
+                             "before": {}, "history": [], "kl_ctl": kl_ctl.state_dict()}
+    step = 0
+    if resume_from is not None:
+        state.update(load_ppo_checkpoint(resume_from, base, roles, optimizer))
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        step = state.pop("step")
+        kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
+        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
+        kept = [m for m in ckpt.read_jsonl(samples_path) if m.get("step", 0) <= step]
+        ckpt.write_text_atomic(samples_path, "".join(ckpt.json_line(m) for m in kept))
+        log(f"resumed from {resume_from} at step {step}/{cfg.max_steps}")
+
+    # ---- before
+    if resume_from is None:
+        state["before"] = _evaluate(base, tokenizer, cfg, data, scorer, log, "before")
+        metrics.write({"step": 0, "event": "before", **_flat(state["before"])})
+
+    # ---- train
+    per = cfg.group_size if cfg.advantage == "grpo" else 1
+    bar = log.progress(cfg.max_steps, initial=step, desc=f"ppo ({cfg.advantage})", log_every=cfg.log_every)
+    stopped_early = False
+    try:
+        while step < cfg.max_steps:
+            t0, c0 = time.perf_counter(), time.process_time()
+            items = []
+            for _ in range(cfg.batch_size):
+                epoch, pos = divmod(state["cursor"], len(prompts))
+                order = _prompt_order(len(prompts), cfg.seed, epoch)
+                items.extend([prompts[order[pos]]] * per)
+                state["cursor"] += 1
+            ro, rst = make_rollout(base, tokenizer, cfg, items, step)
+            scores, ok = scorer(ro)
+            skipped = int((~ok).sum())
+            if skipped:
+                keep = _kept_rows(ok, per)
+                if not keep:
+                    log(f"step {step + 1}: every sample's reward failed; rollout skipped")
+                    step += 1
+                    continue
+                ro, scores = ro.select(keep), scores[torch.tensor(keep)]
+            beta = kl_ctl.value
+            batch, bst = prepare_batch(base, cfg, ro, scores, beta)
+            ust = ppo_updates(base, cfg, batch, optimizer, params, step, beta)
+            kl_ctl.update(bst["kl"], len(ro.texts))
+            step += 1
+            dt = time.perf_counter() - t0
+            state["seconds"] += dt
+            state["cpu_seconds"] += time.process_time() - c0
+            state["episodes"] += len(ro.texts)
+            state["tokens"] += rst["rollout_tokens"]
+            rec = {"step": step, **bst, **ust, "beta": beta, "skipped": skipped,
+                   "truncated": float(ro.truncated.float().mean()), "episodes_per_second": len(ro.texts) / dt,
+                   "rollout_tokens_per_second": rst["rollout_tokens_per_second"], "step_seconds": dt,
+                   "generate_seconds": rst["generate_seconds"]}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics.write(rec)
+            state["history"].append({"step": step, "score": rec["score"], "kl": rec["kl"]})
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+                for i in range(min(3, len(ro.texts))):
+                    ckpt.append_jsonl(samples_path, {"step": step, "prompt": ro.prompts[i][-200:],
+                                                     "response": ro.texts[i], "score": float(scores[i])})
+                log(f"step {step} sample: {ro.texts[0]!r} -> score {float(scores[0]):.2f}")
+            bar.update(step, rec)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                state["kl_ctl"] = kl_ctl.state_dict()
+                lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, _Saver(base, roles), optimizer,
+                                                                      scheduler, state, keep=cfg.keep_checkpoints),
+                                         log=log)
+            if on_step is not None and on_step(step, rec):
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        last = ckpt.latest_checkpoint(out)
+        log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
+                                               if last else "no checkpoint was saved (set save_every to allow resuming)"))
+        raise
+    finally:
+        bar.close()
+
+    # ---- after: the policy first, with an emergency checkpoint (every trained role) if it cannot be written
+    state["kl_ctl"] = kl_ctl.state_dict()
+    adapter_dir = lifecycle.save_final_adapter(
+        _PolicySaver(base), out, log=log,
+        emergency=lambda root: ckpt.save_checkpoint(out, step, _Saver(base, roles), optimizer, scheduler, state,
+                                                    keep=0, root=root))
+    base.save(out / "roles", roles=roles)
+    after = _evaluate(base, tokenizer, cfg, data, scorer, log, "after")
+    metrics.write({"step": step, "event": "after", **_flat(after)})
+    before = state["before"]
+    hist = state["history"]
+    k = max(1, len(hist) // 4)
+    summary = {
+        "task": data["task"],
+        "model": str(model_path),
+        "device": str(device),
+        "advantage": cfg.advantage,
+        "critic": cfg.critic if cfg.advantage == "gae" else None,
+        "reward": reward_desc,
+        "reference": f"frozen SFT adapter {sft_adapter}" if sft_adapter else "base model (adapters off)",
+        "steps": step,
+        "stopped_early": stopped_early,
+        "episodes": state["episodes"],
+        "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"),
+        "test_reward_before": before.get("reward"),
+        "test_reward_after": after.get("reward"),
+        "general_qa_after": after.get("general_qa"),
+        "rollout_score_first": sum(h["score"] for h in hist[:k]) / k if hist else None,
+        "rollout_score_last": sum(h["score"] for h in hist[-k:]) / k if hist else None,
+        "kl_last": sum(h["kl"] for h in hist[-k:]) / k if hist else None,
+        "kl_max": max((h["kl"] for h in hist), default=None),
+        "train_seconds": state["seconds"],
+        "train_cpu_seconds": state["cpu_seconds"],
+        "rollout_tokens": state["tokens"],
+        "eval_seconds_before": before.get("seconds"),
+        "eval_seconds_after": after.get("seconds"),
+        "total_seconds": time.perf_counter() - t_start,
+        "total_cpu_seconds": time.process_time() - cpu_start,
+        "adapter": str(adapter_dir),
+    }
+    if after.get("details") is not None:
+        ckpt.write_json_atomic(out / "test_outputs.json", after["details"])
+    ckpt.write_json_atomic(out / "summary.json", summary)
+    try:
+        plot_curves(metrics_path, out / "curves.png")
+    except Exception as e:  # a plot must never lose a finished run
+        log(f"could not draw the curves: {e}")
+    lifecycle.finish(out, log=log)
+    print_summary(summary)
+    return summary
+
+
+def check_same_base_adapter(adapter: Path, model_path: Path) -> None:
+    """An SFT adapter made on another base is refused (shapes would not even fit)."""
+    import json
+
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded or Path(recorded) == Path(model_path) or Path(recorded).name == Path(model_path).name:
+        return
+    raise ValueError(f"SFT adapter {str(adapter)!r} was trained on base {recorded!r}, not on {str(model_path)!r}")
+
+
+def rl_kl_controller(cfg: PPOConfig):
+    from fastlora import rl
+
+    if cfg.kl_target is not None:
+        return rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return rl.FixedKLController(cfg.kl_coef)
+
+
+def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
+    from .data import batch_order
+
+    return batch_order(n, n, seed=seed, epoch=epoch)[0]
+
+
+def _kept_rows(ok: torch.Tensor, per: int) -> list[int]:
+    """Rows kept after failed rewards; with groups (GRPO), a failed sample drops its group."""
+    if per == 1:
+        return ok.nonzero().flatten().tolist()
+    g = ok.reshape(-1, per).all(1)
+    return [i for gi in g.nonzero().flatten().tolist() for i in range(gi * per, gi * per + per)]
+
+
+def _save_policy(base, tmp: Path) -> None:
+    """The final policy in PEFT's own format (loads with PeftModel.from_pretrained on the base)."""
+    from fastlora.rl.base import save_adapter_dir
+
+    save_adapter_dir(base.model, base.roles["policy"].adapter, tmp)
+
+
+def _evaluate(base, tokenizer, cfg: PPOConfig, data: dict, scorer: Scorer, log, when: str) -> dict:
+    from . import evaluate as ev
+
+    items = data["test"]
+    if not items:
+        return {}
+    t0 = time.perf_counter()
+    with base.activate("policy") as model:
+        acc, details = ev.task_accuracy(model, tokenizer, items, parse=data["parse"],
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        general = ev.general_ability(model, tokenizer, batch_size=cfg.eval_batch_size) if (
+            when == "after" and cfg.measure_forgetting) else None
+    reward = _mean_score(scorer, base, tokenizer, cfg, items, details)
+    res = {"accuracy": acc, "reward": reward, "seconds": time.perf_counter() - t0, "details": details}
+    if general is not None:
+        res["general_qa"] = general["qa_accuracy"]
+    log(f"test {when}: accuracy {acc:.1%}" + (f", mean reward {reward:.3f}" if reward is not None else "")
+        + f" ({len(items)} examples, greedy)")
+    return res
+
+
+def _flat(d: dict) -> dict:
+    return {k: d[k] for k in ("accuracy", "reward", "general_qa", "seconds") if d.get(k) is not None}
+
+
+# ------------------------------------------------------------------------ reporting
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Score, KL, entropy and clip fractions per step, from metrics.jsonl, to a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ckpt.read_jsonl(metrics_path) if "event" not in r]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    panels = [("score", "mean score", ["score", "reward"]), ("kl", "KL (per response)", ["kl", "approx_kl"]),
+              ("entropy", "entropy (per token)", ["entropy"]), ("clip", "clip fractions", ["clip_frac", "vf_clip_frac"])]
+    for ax, (_, title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle("fastlora ppo")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
+
+
+_SUMMARY_ROWS = (
+    ("accuracy_before", "test accuracy before", "{:.1%}"),
+    ("accuracy_after", "test accuracy after", "{:.1%}"),
+    ("test_reward_before", "test reward before (greedy)", "{:.3f}"),
+    ("test_reward_after", "test reward after (greedy)", "{:.3f}"),
+    ("rollout_score_first", "rollout score, first quarter", "{:.3f}"),
+    ("rollout_score_last", "rollout score, last quarter", "{:.3f}"),
+    ("kl_last", "KL, last quarter", "{:.4f}"),
+    ("kl_max", "KL, max", "{:.4f}"),
+    ("steps", "steps", "{}"),
+    ("episodes", "episodes", "{}"),
+    ("train_seconds", "train time (s)", "{:.1f}"),
+    ("train_cpu_seconds", "train CPU time of this process (s)", "{:.1f}"),
+    ("total_seconds", "whole run (s)", "{:.1f}"),
+    ("total_cpu_seconds", "whole run, CPU time of this process (s)", "{:.1f}"),
+    ("adapter", "policy adapter", "{}"),
+)
+
+
+def print_summary(summary: dict) -> None:
+    from .sft import print_summary as _print
+
+    _print(summary, _SUMMARY_ROWS, title="fastlora ppo")
