@@ -244,9 +244,11 @@ def _cuda_dequant_built() -> bool:
 
 
 def _add_lora(y: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``y + scaling·(left @ right_t)``, in place: one addmm when the LoRA operands share
-    y's dtype; else the rank-r product in their dtype, cast to y's (PEFT's numerics)."""
-    if left.dtype == y.dtype:
+    """``y + scaling·(left @ right_t)``, in place. In fp32, one addmm. In 16-bit, PEFT's
+    rounding: the rank-r product rounded, then scaled and rounded, then added
+    (``result + lora_B(lora_A(x)) * scaling``); an addmm rounds once, and bf16 makes that
+    last-bit difference visible in a patched run against PEFT's (tests/patch/test_order.py)."""
+    if left.dtype == y.dtype == torch.float32:
         return y.addmm_(left, right_t, alpha=scaling)
     return y.add_(((left @ right_t) * scaling).to(y.dtype))
 

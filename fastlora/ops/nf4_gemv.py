@@ -171,10 +171,11 @@ def applies(x2d: torch.Tensor, lora_A, lora_B, bias, dropout: float) -> bool:
         return False
     if x2d.dtype not in _DTYPE_CODE or x2d.shape[0] == 0:
         return False
-    if torch.is_grad_enabled() and (
-        x2d.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-        or (bias is not None and bias.requires_grad)
-    ):
+    # Only under no_grad / inference_mode (generation, evaluation). A training forward that
+    # records nothing for this call (a frozen first layer, fastlora.patch's split path that
+    # reproduces PEFT's rounding) keeps bitsandbytes' dequantize + matmul numerics: the
+    # kernel's fp32 summation order differs in the last bits, which bf16 then magnifies.
+    if torch.is_grad_enabled():
         return False
     return _kernel_built()
 
