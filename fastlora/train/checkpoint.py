@@ -49,7 +49,6 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
 MANIFEST = "checksums.json"
-_OWN_WEIGHTS_FILE = "fastlora_peft.safetensors"  # peft_methods.WEIGHTS_FILE (kept import-free here)
 LEGACY_STATE_FILE = "trainer_state.pt"  # pickled state of fastlora <= 2026-11-30: never loaded
 CHECKPOINT_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -517,9 +516,12 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         return f"{MANIFEST} is missing: the checkpoint is incomplete"
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return f"{path / MANIFEST} is damaged"
-    adapter = ("adapter/adapter_model.safetensors" if "adapter/adapter_model.safetensors" in files
-               else f"adapter/{_OWN_WEIGHTS_FILE}")  # PEFT's format, or fastlora's own (bottleneck, BitFit)
-    for required in (adapter, TENSORS_FILE, STATE_FILE):
+    # adapter/ holds PEFT's format, fastlora's own (bottleneck, BitFit) or a trainer's
+    # (the reward model's sequence-classification export, PPO's roles): any file will do here,
+    # each trainer's loader names what it misses.
+    if not any(rel.startswith("adapter/") for rel in files):
+        return f"{MANIFEST} lists no file of adapter/: the checkpoint is incomplete"
+    for required in (TENSORS_FILE, STATE_FILE):
         if required not in files:
             return f"{MANIFEST} does not list {required}: the checkpoint is incomplete"
     for rel, meta in files.items():

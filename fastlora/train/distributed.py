@@ -313,6 +313,16 @@ def wrap_fsdp(model):
     return model
 
 
+def is_fully_sharded(model) -> bool:
+    """Whether ``model`` was wrapped by FSDP2's ``fully_shard`` (its class is then an
+    ``FSDP<Class>`` subclass of ``FSDPModule``). Cheap without FSDP: nothing is imported."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_cls = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    return module_cls is not None and isinstance(model, module_cls)
+
+
 def full_trainable_state(model) -> dict:
     """{name: full tensor} of the trainable parameters, gathered from their FSDP shards
     (a collective: every rank calls it, in the same order); plain tensors as they are."""

@@ -113,14 +113,46 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     ``fastlora.generate``: left-padded batches of similar lengths, stopping at the
     tokenizer's eos (what transformers' ``generate`` was asked for before)."""
     from ..generate import generate as fl_generate
+    from .distributed import is_fully_sharded
 
     if not prompts:
         return []
+    if is_fully_sharded(model):
+        # fastlora.generate drives the decoder and head itself; under FSDP2 only the root
+        # forward's hooks gather the root's shards (the embeddings), so go through it.
+        return _hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            special_tokens=special_tokens)
     eos = tokenizer.eos_token_id
     res = fl_generate(model, list(prompts), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, add_special_tokens=special_tokens,
                       stop_token_ids=None if eos is None else [eos])
     return res.texts
+
+
+def _hf_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+                 special_tokens: bool) -> list[str]:
+    """Greedy completions by transformers' ``generate`` (left-padded batches of similar
+    lengths): the path for FSDP-sharded models."""
+    device = model_device(model)
+    outputs: list[str | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with _eval_mode(model):
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=special_tokens).to(device)
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+                )
+                for i, ids in zip(idx, out[:, enc["input_ids"].shape[1]:]):
+                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs  # type: ignore[return-value]
 
 
 def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,

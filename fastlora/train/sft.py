@@ -474,6 +474,9 @@ def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
 def _restricted(model, tokenizer, items, parse, cfg: SFTConfig, log, when: str) -> dict:
     """Label-restricted accuracy and the examples below the default confidence threshold
     (fastlora.train.evaluate.choice_accuracy); {} when the test set is not a classification."""
+    if dist.is_fully_sharded(model):  # choice scoring drives the decoder itself, past FSDP2's root hooks
+        log(f"label-restricted accuracy {when} training: not measured under FSDP")
+        return {}
     res = ev.choice_accuracy(model, tokenizer, items, parse=parse, batch_size=cfg.eval_batch_size)
     if res is None:
         return {}
