@@ -715,7 +715,11 @@ class SharedBase(nn.Module):
         from ..patch import lora as lora_patch
 
         if not any(_bind.state(m) is not None for m in self.model.modules()):
-            fastlora.patch(self.model)
+            # Before the first adapter exists there is no LoRA layer to fuse: patch the head
+            # only (patch would warn "accelerated no LoRA layer"); the layers are patched below
+            # as add_role creates them.
+            has_lora = any(lora_patch.is_lora_layer(m) for m in self.model.modules())
+            fastlora.patch(self.model, lora=has_lora)
             self._spec = None
             return
         for m in self.model.modules():

@@ -39,7 +39,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import run as lifecycle
-from .console import Console, quiet_third_party
+from .console import Console
 from .ppo_config import PPOConfig
 
 
@@ -567,18 +567,7 @@ def ppo(config: PPOConfig | None = None, *, on_step: Callable[[int, dict], bool 
     replace its fields. ``on_step(step, metrics)`` is called after every rollout step;
     returning True stops early (the final evaluation and saving still happen).
     """
-    if config is None:
-        cfg = PPOConfig.from_dict(overrides, source="ppo()")
-    else:
-        cfg = PPOConfig.from_dict({**config.to_dict(), **overrides}, source="ppo()") if overrides else config
-    cfg = cfg.resolved()
-    log = Console(cfg.progress)
-    with quiet_third_party(bars=log.bars):
-        try:
-            return _ppo(cfg, log, on_step)
-        except lifecycle.RunFinished as done:
-            log(str(done))
-            return done.summary
+    return lifecycle.start(PPOConfig, config, overrides, "ppo()", _ppo, on_step)
 
 
 def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:

@@ -265,20 +265,8 @@ def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict],
     ``on_step(step, metrics)`` runs after every optimizer step; returning True stops early.
     """
     from . import run as lifecycle
-    from .console import Console, quiet_third_party
 
-    if config is None:
-        cfg = RewardConfig.from_dict(overrides, source="reward()")
-    else:
-        cfg = RewardConfig.from_dict({**config.to_dict(), **overrides}, source="reward()") if overrides else config
-    cfg = cfg.resolved()
-    log = Console(cfg.progress)
-    with quiet_third_party(bars=log.bars):
-        try:
-            return _reward(cfg, log, on_step)
-        except lifecycle.RunFinished as done:
-            log(str(done))
-            return done.summary
+    return lifecycle.start(RewardConfig, config, overrides, "reward()", _reward, on_step)
 
 
 def _reward(cfg: RewardConfig, log, on_step) -> dict:

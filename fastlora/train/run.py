@@ -52,6 +52,28 @@ _LARGE = 256 << 20  # files above this are fingerprinted by samples, not hashed 
 _SAMPLE = 4 << 20
 
 
+def start(config_cls, config, overrides: dict, source: str, body: Callable, on_step=None, *, enabled: bool = True):
+    """What every trainer's entry point does: build its config (``config`` with ``overrides``
+    replacing fields, or ``config_cls(**overrides)``), resolve its task defaults, and run
+    ``body(cfg, console, on_step)`` with the shared console and third-party warnings quieted.
+    A finished run (``resume`` on it) returns its summary untouched. ``enabled=False`` (the
+    non-main ranks of a distributed run) prints nothing."""
+    from .console import Console, quiet_third_party
+
+    if config is None:
+        cfg = config_cls.from_dict(overrides, source=source)
+    else:
+        cfg = config_cls.from_dict({**config.to_dict(), **overrides}, source=source) if overrides else config
+    cfg = cfg.resolved()
+    log = Console(cfg.progress, enabled=enabled)
+    with quiet_third_party(bars=log.bars):
+        try:
+            return body(cfg, log, on_step)
+        except RunFinished as done:
+            log(str(done))
+            return done.summary
+
+
 class RunFinished(Exception):
     """``--resume`` on a run that already finished: nothing is done, nothing is changed."""
 

@@ -35,7 +35,7 @@ from . import distributed as dist
 from . import evaluate as ev
 from . import run as lifecycle
 from .config import SFTConfig
-from .console import Console, quiet_third_party
+from .console import Console
 from .data import IGNORE_INDEX, batch_order, check_records, collate, detect_format, load_records, pack, prepare
 
 
@@ -158,22 +158,12 @@ def sft(config: SFTConfig | None = None, *, on_step: Callable[[int, dict], bool 
     adapter cannot be written (full disk, read-only dir), :class:`fastlora.train.run.FinalSaveFailed`
     says where the emergency checkpoint went; ``resume=True`` then finishes the run.
     """
-    if config is None:
-        cfg = SFTConfig.from_dict(overrides, source="sft()")
-    else:
-        cfg = SFTConfig.from_dict({**config.to_dict(), **overrides}, source="sft()") if overrides else config
-    cfg = cfg.resolved()
-    main = dist.is_main()  # only the main rank logs and writes; every rank trains
-    log = Console(cfg.progress, enabled=main)
-    with quiet_third_party(bars=log.bars):
-        try:
-            return _sft(cfg, log, on_step, main)
-        except lifecycle.RunFinished as done:
-            log(str(done))
-            return done.summary
+    # only the main rank logs and writes; every rank trains
+    return lifecycle.start(SFTConfig, config, overrides, "sft()", _sft, on_step, enabled=dist.is_main())
 
 
-def _sft(cfg: SFTConfig, log: Console, on_step, main: bool) -> dict:
+def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
+    main = dist.is_main()
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
 
