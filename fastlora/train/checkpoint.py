@@ -211,6 +211,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_png_atomic(fig, png_path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Render a matplotlib figure and write it like every other output (temp file, fsync,
+    rename, umask permissions); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes_atomic(png_path, buf.getvalue())
+    return Path(png_path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -200,9 +200,4 @@ def plot(rows: list[dict], png_path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("fastlora compare: PEFT methods on the same task, data, steps and evaluation")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return ckpt.write_png_atomic(fig, png_path, dpi=100)

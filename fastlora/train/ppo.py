@@ -848,12 +848,7 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
             ax.legend(loc="best", fontsize=8)
     fig.suptitle("fastlora ppo")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return ckpt.write_png_atomic(fig, png_path, dpi=100)
 
 
 _SUMMARY_ROWS = (

@@ -531,9 +531,4 @@ def plot_scores(before: dict | None, after: dict, png_path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("fastlora rm: score distribution")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return ckpt.write_png_atomic(fig, png_path, dpi=110)

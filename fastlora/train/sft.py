@@ -580,14 +580,7 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path, title: str = "fas
         ax.legend(handles, labels, loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
-    import io
-
-    png_path = Path(png_path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    ckpt.write_bytes_atomic(png_path, buf.getvalue())  # fsynced, umask permissions, like every output
-    return png_path
+    return ckpt.write_png_atomic(fig, png_path, dpi=110)  # fsynced, umask permissions, like every output
 
 
 _SUMMARY_ROWS = (
