@@ -415,9 +415,7 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
             if on_step is not None and on_step(step, rec):
                 break
     except KeyboardInterrupt:
-        last = ckpt.latest_checkpoint(out)
-        log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
-                                               if last else "no checkpoint was saved (set save_every to allow resuming)"))
+        lifecycle.report_interrupt(out, step, log)
         raise
     finally:
         bar.close()

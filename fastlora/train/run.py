@@ -360,6 +360,13 @@ def _write_rescue_marker(out: Path, root: Path) -> None:
         pass
 
 
+def report_interrupt(output_dir: str | os.PathLike, step: int, log) -> None:
+    """What Ctrl-C (or an exception from ``on_step``) leaves behind, said once by every trainer."""
+    last = ckpt.latest_checkpoint(output_dir)
+    log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
+                                           if last else "no checkpoint was saved (set save_every to allow resuming)"))
+
+
 def try_checkpoint(save: Callable[[], Path], *, log=None) -> Path | None:
     """Run an intermediate ``save_checkpoint``; when the environment refuses (full disk...), warn
     and go on training: the previous checkpoint stays valid and the final save has its fallbacks."""

@@ -372,9 +372,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             if stopped_early:
                 break
     except KeyboardInterrupt:
-        last = ckpt.latest_checkpoint(out)
-        log(f"interrupted at step {step}; " + (f"last complete checkpoint: {last} (continue with --resume)"
-                                               if last else "no checkpoint was saved (set save_every to allow resuming)"))
+        lifecycle.report_interrupt(out, step, log)
         raise
     finally:
         bar.close()
