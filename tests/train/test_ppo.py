@@ -340,6 +340,43 @@ def test_embedded_task_prompts_and_test_reward(smollm_tokenizer):
     assert _mean_score(scorer, None, smollm_tokenizer, cfg, items, details) == pytest.approx((1 - 1 - 2) / 3)
 
 
+def test_reward_model_reads_what_rm_trained_on(smollm_tokenizer):
+    """The reward model scores a rollout exactly as `fastlora rm` encoded its training pairs
+    (the template's end of turn after the answer, not the stop token generation ended on)."""
+    from fastlora.train.pairs import encode_sequence
+    from fastlora.train.ppo import Rollout, Scorer, build_rollout, chat_turn_tail, load_prompts
+    from fastlora.train.ppo_config import PPOConfig
+
+    tok = smollm_tokenizer
+    assert chat_turn_tail(tok) == "<|im_end|>\n"
+    cfg = PPOConfig(test_max_examples=2).resolved()
+    items = load_prompts(cfg, tok)["test"]
+    answers = ['{"category": "billing"}', "I am not sure"]
+    eos = tok.eos_token_id
+    prompt_ids = [list(tok(it.prompt, add_special_tokens=False)["input_ids"]) for it in items]
+    seqs = [torch.tensor(tok(a, add_special_tokens=False)["input_ids"] + [eos]) for a in answers]
+    ids, attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, [torch.zeros(len(s)) for s in seqs],
+                                                    tok.pad_token_id)
+    ro = Rollout(ids, attn, P, tokens, mask, old, [it.prompt for it in items], answers,
+                 torch.zeros(2, dtype=torch.bool), {}, [True, True])
+    got_ids, got_mask = Scorer(cfg, None, None, print, tok).reward_inputs(ro)
+    from fastlora.train.defaults import healthcare
+
+    records = healthcare.load_split("test")[:2]
+    for i, (rec, a) in enumerate(zip(records, answers)):
+        # the pair as the reward trainer encodes it: the prompt turns, then the answer turn
+        want = encode_sequence(tok, "chat_pairs", [m for m in rec["messages"] if m["role"] != "assistant"],
+                               [{"role": "assistant", "content": a}])
+        n = int(got_mask[i].sum())
+        assert got_ids[i, :n].tolist() == want
+        assert want[-1] != eos and want[-2] == eos  # read at the newline after <|im_end|>, as in training
+    # a plain-text prompt: prompt tokens then the answer's, no EOS (encode_sequence's other path)
+    ro.chat = [False, False]
+    got_ids, got_mask = Scorer(cfg, None, None, print, tok).reward_inputs(ro)
+    want = encode_sequence(tok, "pairs", items[1].prompt, answers[1])
+    assert got_ids[1, : int(got_mask[1].sum())].tolist() == want
+
+
 def test_rlhf_skips_finished_stages_and_tabulates(tmp_path, capsys):
     from fastlora.train.rlhf import rlhf
 
