@@ -541,9 +541,20 @@ def test_disabled_input_dtype_casting_runs_peft(monkeypatch):
         models.append(get_peft_model(block, LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False)))
     ref, pat = models
     assert fastlora.patch(pat).ok
+    import fastlora.patch.lora as pl
+
     calls = []
     real = ll.lora_linear
     monkeypatch.setattr(ll, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_decode = pl._cpu_decode  # the no-grad CPU decode path fuses without lora_linear
+
+    def decode(*a):
+        out = real_decode(*a)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(pl, "_cpu_decode", decode)
     x = torch.randn(3, 5, 128)
     ref.eval(), pat.eval()
     with torch.no_grad():
