@@ -133,6 +133,8 @@ _PPO_HELP = {
     "kl_target": "adaptive KL controller target (default: off, a fixed --kl-coef)",
     "kl_horizon": "adaptive KL controller horizon, in episodes",
     "whiten_advantages": "whiten advantages over the valid tokens of the rollout",
+    "score_baseline": "none, or greedy: subtract from each score the score of the policy's greedy answer to the "
+                      "same prompt (one more greedy rollout per step; removes a reward model's per-prompt offsets)",
     "critic_lr": "learning rate of the critic (default: --lr)",
     "sample_every": "log sample responses every N rollouts; 0 = never",
     "batch_size": "prompts per rollout (x --group-size with grpo) (default: set by the task)",

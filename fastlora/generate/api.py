@@ -36,7 +36,9 @@ class GenerationResult:
     - with ``choices``: ``choices`` (the strings), ``choice_probs`` ``(rows, C)`` each
       choice's probability among the choices (rows sum to 1), ``choice_logprobs``
       ``(rows, C)`` its log-probability under the model (unrestricted), ``predictions``
-      (the most probable choice) and ``confidences`` (its probability).
+      (the most probable choice) and ``confidences`` (its probability); with
+      ``with_greedy=True``, ``greedy``: the unrestricted greedy answers (a result of
+      their own), read off the same forwards.
     """
 
     sequences: list[torch.Tensor]
@@ -51,6 +53,7 @@ class GenerationResult:
     predictions: list[str] | None = None
     confidences: list[float] | None = None
     info: dict = field(default_factory=dict)
+    greedy: "GenerationResult | None" = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -171,6 +174,7 @@ def generate(
     add_special_tokens: bool = True,
     share_prefix: bool = True,
     decoder: str = "auto",
+    with_greedy: bool = False,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (with ``tokenizer``) or of ``input_ids``
     ``(B, T)`` (left- or right-padded, with ``attention_mask``) on ``model``.
@@ -194,6 +198,11 @@ def generate(
             ``"static"`` (a preallocated cache, fixed batch), ``"cuda_graph"`` (static,
             each decode step replayed as a CUDA graph; CUDA only) or ``"auto"``
             (``cuda_graph`` on CUDA where the model allows it, else ``dynamic``).
+        with_greedy: with ``choices``, also the unrestricted greedy answer of each row (up
+            to ``max_new_tokens``, stopping at ``stop_token_ids``) in ``result.greedy``,
+            from the forwards that score the choices: an evaluation that wants both the
+            free answer and the label-restricted one runs each prompt once, and a row whose
+            greedy answer is a choice then a stop token needs no decode step.
     """
     tokenizer = _find_tokenizer(model, tokenizer)
     if (prompts is None) == (input_ids is None):
@@ -237,13 +246,21 @@ def generate(
         limits.append(max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(r)))
     pad_id = _pad_id(runner, tokenizer)
 
+    if with_greedy:
+        if choices is None:
+            raise ValueError("with_greedy=True reads the greedy answer off the choice scoring: pass choices=")
+        if not sampling.greedy:
+            raise ValueError(f"with_greedy=True is greedy decoding; it cannot sample (temperature={temperature})")
+        if stop_strings:
+            raise ValueError("with_greedy=True stops at stop_token_ids only, not at stop_strings")
     if choices is not None:
         from .choices import score_choices
 
         with _generation_mode(model):
             return score_choices(runner, rows, choices, tokenizer=tokenizer, stop_ids=stop_ids, pad_id=pad_id,
                                  batch_size=batch_size, ctx=ctx, prompt_texts=prompts,
-                                 add_special_tokens=add_special_tokens)
+                                 add_special_tokens=add_special_tokens,
+                                 greedy_limits=limits if with_greedy else None, share_prefix=share_prefix)
 
     generator = None
     if not sampling.greedy:

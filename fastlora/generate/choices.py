@@ -113,12 +113,51 @@ def check_continuation(prompts: Sequence[str], choices: Sequence[str], seqs, tok
                 )
 
 
+class _Greedy:
+    """The unrestricted greedy answer of each row, read off the forwards that score the
+    choices (``generate(..., choices=..., with_greedy=True)``).
+
+    Greedy decoding picks the argmax after every token. The choice-scoring forwards already
+    hold the logits after the prompt, after every token of the shared path and after every
+    token of every branch, so as long as the greedy token is the next token of the trie,
+    the logits for the token after it are at hand: a row whose answer is one of the choices
+    followed by a stop token (a trained classifier's usual answer) costs no decode step at
+    all. A row that leaves the trie is decoded on from there: from a copy of its prompt's
+    cache when it leaves at its first token, else from its prompt and the tokens accepted
+    so far. This is speculative decoding with the trie as the draft; the tokens are the
+    argmaxes a step-by-step greedy decode takes, computed in batched forwards (the same
+    tolerance as prefix sharing: float sums in another order)."""
+
+    def __init__(self, limits: list[int], stop_ids: frozenset):
+        self.limits, self.stop_ids = limits, stop_ids
+        B = len(limits)
+        self.seqs: list = [None] * B
+        self.reasons: list = [None] * B
+        self.later: list[tuple[int, list[int]]] = []  # (row, accepted tokens): decode from prompt + them
+        self.first_off = 0  # rows decoded on from a copy of their prompt's cache
+
+    def push(self, row: int, path: list[int], t: int) -> str | None:
+        """Append greedy token ``t``; the finish reason if the row ends here."""
+        path.append(t)
+        if t in self.stop_ids:
+            return "stop_token"
+        if len(path) >= self.limits[row]:
+            return "length"
+        return None
+
+    def finish(self, row: int, path: list[int], reason: str) -> None:
+        self.seqs[row], self.reasons[row] = list(path), reason
+
+
 def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids: frozenset, pad_id: int,
                   batch_size: int | None, ctx: int | None, prompt_texts: Sequence[str] | None = None,
-                  add_special_tokens: bool = True):
-    """The :class:`GenerationResult` of ``generate(..., choices=...)``."""
+                  add_special_tokens: bool = True, greedy_limits: list[int] | None = None,
+                  share_prefix: bool = True):
+    """The :class:`GenerationResult` of ``generate(..., choices=...)``; with
+    ``greedy_limits`` (each row's token budget) also the unrestricted greedy answers in
+    ``.greedy`` (see :class:`_Greedy`)."""
     from .api import GenerationResult
-    from .decode import prefill
+    from .decode import fork_cache, prefill
 
     choices = list(choices) if isinstance(choices, tuple) else choices
     seqs = choice_token_ids(choices, tokenizer)
@@ -153,12 +192,47 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
     for c, b in enumerate(branches):
         br_ids[c, : len(b)] = torch.tensor(b, dtype=torch.long)
         br_mask[c, : len(b)] = 1
+    greedy = _Greedy(greedy_limits, stop_ids) if greedy_limits is not None else None
+    S = len(shared)
+    # similar lengths together (less padding); results go back to each row's place
+    order = list(range(B)) if bs >= B else sorted(range(B), key=lambda i: len(rows[i]))
     for s in range(0, B, bs):
-        chunk = rows[s: s + bs]
+        idx = order[s: s + bs]
+        chunk = [rows[r] for r in idx]
         n = len(chunk)
         # logits at the last prompt token and at every shared token: they predict
         # shared[0], ..., shared[-1], then the first branch token
-        cache, attn, next_pos, head = prefill(runner, [r + shared for r in chunk], pad_id, keep=len(shared) + 1)
+        cache, attn, next_pos, head = prefill(runner, [r + shared for r in chunk], pad_id, keep=S + 1,
+                                              share_prefix=share_prefix)
+        walking: dict[int, list[int]] = {}  # chunk row -> greedy tokens so far, still on the trie
+        first_off: list[int] = []  # chunk rows whose first greedy token is off the trie
+        if greedy is not None:
+            g = head.float().argmax(-1).tolist()  # (n, S+1): what choose() takes greedily
+            for i in range(n):
+                path: list[int] = []
+                for j in range(S + 1):
+                    reason = greedy.push(idx[i], path, g[i][j])
+                    if reason:
+                        greedy.finish(idx[i], path, reason)
+                        break
+                    on = g[i][j] == shared[j] if j < S else any(b[0] == g[i][j] for b in branches)
+                    if not on:
+                        if j == 0:
+                            first_off.append(i)
+                        else:
+                            greedy.later.append((idx[i], path))
+                        break
+                else:
+                    walking[i] = path
+            if first_off:  # their prompt's cache, before the shared path is appended (a copy)
+                sel = torch.tensor(first_off, device=dev)
+                T = attn.shape[1]
+                forked = fork_cache(runner, cache, sel, T - S)
+                if forked is None:  # a cache that cannot be cut: decode them from their prompts
+                    greedy.later.extend((idx[i], []) for i in first_off)
+                    first_off = []
+                else:
+                    first_start = (forked, attn[sel, : T - S], next_pos[sel] - S, head[sel, 0].float())
         head = head.float().log_softmax(-1)  # (n, S+1, V)
         lp_shared = torch.zeros(n, device=dev)
         if shared:
@@ -172,12 +246,50 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
         pos2 = next_pos.repeat_interleave(C, dim=0) + torch.arange(L, device=dev)
         lp_first = first.repeat_interleave(C, dim=0).gather(-1, b_ids[:, :1]).squeeze(-1)  # (n*C,)
         lp_rest = torch.zeros(n * C, device=dev)
-        if L > 1:
-            out = runner(b_ids, attn2, pos2, cache, keep=L).float().log_softmax(-1)  # (n*C, L, V)
+        bo = None
+        if L > 1 or walking:
+            raw = runner(b_ids, attn2, pos2, cache, keep=L).float()  # (n*C, L, V)
+            if walking:
+                bo = raw.argmax(-1).tolist()  # greedy token after each branch token
+            out = raw.log_softmax(-1)
             tok_lp = out[:, :-1, :].gather(-1, b_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (n*C, L-1)
             lp_rest = (tok_lp * b_mask[:, 1:]).sum(-1)
         total = lp_shared.repeat_interleave(C) + lp_first + lp_rest
-        logp[s: s + n] = total.view(n, C).cpu()
+        logp[torch.tensor(idx)] = total.view(n, C).cpu()
+        if greedy is None:
+            continue
+        for i, path in walking.items():  # down the branches while greedy follows one
+            cands = [c for c in range(C) if branches[c][0] == path[-1]]
+            k = 1
+            while True:
+                t = bo[i * C + cands[0]][k - 1]  # after branch token k-1 (shared by every candidate)
+                reason = greedy.push(idx[i], path, t)
+                if reason:
+                    greedy.finish(idx[i], path, reason)
+                    break
+                cands = [c for c in cands if len(branches[c]) > k and branches[c][k] == t]
+                if not cands:
+                    greedy.later.append((idx[i], path))
+                    break
+                k += 1
+        if first_off:
+            greedy.first_off += len(first_off)
+            _decode_rest(runner, greedy, [idx[i] for i in first_off], [chunk[i] for i in first_off], [[]] * len(first_off),
+                         tokenizer=tokenizer, pad_id=pad_id, start=first_start)
+    greedy_result = None
+    if greedy is not None:
+        for k in range(0, len(greedy.later), bs):
+            part = greedy.later[k: k + bs]
+            _decode_rest(runner, greedy, [r for r, _ in part], [rows[r] + p for r, p in part], [p for _, p in part],
+                         tokenizer=tokenizer, pad_id=pad_id, share_prefix=share_prefix)
+        seqs_g = [torch.tensor(q, dtype=torch.long, device=dev) for q in greedy.seqs]
+        greedy_result = GenerationResult(
+            sequences=seqs_g, lengths=torch.tensor([len(q) for q in seqs_g], dtype=torch.long),
+            finish_reasons=list(greedy.reasons),
+            texts=[tokenizer.decode(q, skip_special_tokens=True) for q in greedy.seqs],
+            info={"rows_decoded_from_their_prompt_cache": greedy.first_off,
+                  "rows_decoded_after_trie_tokens": len(greedy.later),
+                  "rows_without_a_decode_step": B - greedy.first_off - len(greedy.later)})
     probs = torch.softmax(logp.double(), dim=-1).float()
     best = probs.argmax(-1).tolist()
     sequences = [torch.tensor(seqs[c], dtype=torch.long, device=dev) for c in best]
@@ -188,4 +300,18 @@ def score_choices(runner, rows: list[list[int]], choices, *, tokenizer, stop_ids
         confidences=[float(probs[i, c]) for i, c in enumerate(best)],
         info={"shared_tokens": len(shared), "branch_tokens": [len(b) for b in branches],
               "end_token_appended": bool(conflicts)},
+        greedy=greedy_result,
     )
+
+
+def _decode_rest(runner, greedy: _Greedy, rows_idx: list[int], prompts: list[list[int]], paths: list[list[int]],
+                 *, tokenizer, pad_id: int, start=None, share_prefix: bool = True) -> None:
+    """Greedy-decode rows that left the trie, after their accepted tokens ``paths``."""
+    from .decode import decode
+    from .sampling import check_sampling
+
+    d = decode(runner, prompts, limits=[greedy.limits[r] - len(p) for r, p in zip(rows_idx, paths)],
+               sampling=check_sampling(0.0, None, None), generator=None, stop_ids=greedy.stop_ids, stop_strings=(),
+               tokenizer=tokenizer, need_logprobs=False, pad_id=pad_id, share_prefix=share_prefix, start=start)
+    for j, (r, p) in enumerate(zip(rows_idx, paths)):
+        greedy.finish(r, p + d.tokens[j, : d.lengths[j]].tolist(), d.reasons[j])

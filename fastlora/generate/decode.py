@@ -144,13 +144,31 @@ def prefill(runner: Runner, rows: list[list[int]], pad_id: int, share_prefix: bo
     return cache, attn, pos[:, -1:] + 1, logits
 
 
+def fork_cache(runner: Runner, cache, rows: torch.Tensor, length: int):
+    """A new cache with ``rows`` of ``cache`` and their first ``length`` positions (copies),
+    or None when its layers are not plain growing layers (sliding windows keep a suffix)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None
+                         for layer in layers):
+        return None
+    new = runner.new_cache()
+    for i, layer in enumerate(layers):
+        new.update(layer.keys[rows, :, :length].contiguous(), layer.values[rows, :, :length].contiguous(), i)
+    return new
+
+
 def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling: SamplingConfig,
            generator: torch.Generator | None, stop_ids: frozenset, stop_strings: tuple, tokenizer,
-           need_logprobs: bool, pad_id: int, share_prefix: bool = True, static: str | None = None) -> Decoded:
+           need_logprobs: bool, pad_id: int, share_prefix: bool = True, static: str | None = None,
+           start: tuple | None = None) -> Decoded:
     """Generate after each of ``rows`` (prompt token ids); row ``b`` makes at most
     ``limits[b]`` (>= 1) tokens. ``static``: None (a dynamic cache, finished rows leave
     the batch), ``"eager"`` or ``"graph"`` (:class:`fastlora.generate.static.StaticDecoder`,
-    a fixed batch; ``"graph"`` replays a CUDA graph per step)."""
+    a fixed batch; ``"graph"`` replays a CUDA graph per step). ``start``: the rows'
+    prefill already done, as :func:`prefill` returns it (cache, attention mask, next
+    positions, last logits ``(B, V)``); dynamic cache only."""
     B = len(rows)
     dev = runner.device
     steps_max = max(limits)
@@ -168,6 +186,8 @@ def decode(runner: Runner, rows: list[list[int]], *, limits: list[int], sampling
         fixed = StaticDecoder(runner, rows, pad_id, steps_max, use_graph=static == "graph")
         logits = fixed.prefill_logits
         feed = torch.full((B,), pad_id, dtype=torch.long, device=dev)  # finished rows read a pad
+    elif start is not None:
+        cache, attn, next_pos, logits = start
     else:
         cache, attn, next_pos, logits = prefill(runner, rows, pad_id, share_prefix)
         logits = logits[:, -1]  # (B, V)

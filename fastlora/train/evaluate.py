@@ -10,6 +10,8 @@
 - :func:`choice_accuracy`: the same test set with the answer restricted to the task's
   labels (``fastlora.generate(choices=...)``), and how many examples fall below the
   confidence a deployment would send to a person.
+- :func:`classify`: both in one pass over the prompts (the free greedy answers read off
+  the forwards that score the labels), what the SFT run uses.
 - :func:`general_ability`: accuracy on the small general-knowledge QA set and perplexity
   on general text, both shipped in the package; ``retention`` is after/before.
 
@@ -163,18 +165,22 @@ def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
     must equal the stripped reference. Returns (accuracy, per-item details)."""
     if not items:
         raise ValueError("task_accuracy: no items to score")
-    groups: dict[bool, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault(it.special_tokens, []).append(i)
     preds: list[str] = [""] * len(items)
-    for special, idx in groups.items():
+    for special, idx in _by_special_tokens(items).items():
         outs = generate(model, tokenizer, [items[i].prompt for i in idx], max_new_tokens=max_new_tokens,
                         batch_size=batch_size, special_tokens=special)
         for i, o in zip(idx, outs):
             preds[i] = o
+    return score_answers(items, preds, parse)
+
+
+def score_answers(items: Sequence[TaskItem], answers: Sequence[str], parse) -> tuple[float, list[dict]]:
+    """(accuracy, per-item details) of ``answers``: with ``parse`` (e.g. the healthcare JSON
+    parser) the parsed answer must equal the item's label, else the stripped text the
+    stripped reference."""
     details = []
     correct = 0
-    for it, pred in zip(items, preds):
+    for it, pred in zip(items, answers):
         if parse is not None and it.label is not None:
             got = parse(pred)
             ok = got is not None and got == it.label
@@ -184,6 +190,34 @@ def task_accuracy(model, tokenizer, items: Sequence[TaskItem], *,
         correct += ok
         details.append({"reference": it.reference, "output": pred, "parsed": got, "correct": bool(ok)})
     return correct / len(items), details
+
+
+def _choice_spec(items: Sequence[TaskItem], parse, max_choices: int):
+    """(choices, their labels) when the items are a classification (every item labelled, a
+    parser, at most ``max_choices`` distinct reference answers, one per label), else None."""
+    if parse is None or not items or any(it.label is None for it in items):
+        return None
+    choices = list(dict.fromkeys(it.reference for it in items))
+    labels = [parse(c) for c in choices]
+    if len(choices) > max_choices or any(lab is None for lab in labels) or len(set(labels)) != len(labels):
+        return None
+    return choices, labels
+
+
+def _by_special_tokens(items: Sequence[TaskItem]) -> dict[bool, list[int]]:
+    groups: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.special_tokens, []).append(i)
+    return groups
+
+
+def _restricted_record(items, labels, choices, predictions, confidences, threshold: float) -> dict:
+    pred = [labels[choices.index(p)] for p in predictions]
+    correct = sum(p == it.label for p, it in zip(pred, items))
+    return {"accuracy": correct / len(items), "below_threshold": sum(c < threshold for c in confidences),
+            "min_confidence": threshold, "examples": len(items),
+            "details": [{"label": it.label, "predicted": p, "probability": c}
+                        for it, p, c in zip(items, pred, confidences)]}
 
 
 def choice_accuracy(model, tokenizer, items: Sequence[TaskItem], *, parse: Callable[[str], str | None] | None,
@@ -197,27 +231,55 @@ def choice_accuracy(model, tokenizer, items: Sequence[TaskItem], *, parse: Calla
     from ..generate.choices import DEFAULT_MIN_CONFIDENCE
 
     threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
-    if parse is None or not items or any(it.label is None for it in items):
+    spec = _choice_spec(items, parse, max_choices)
+    if spec is None:
         return None
-    choices = list(dict.fromkeys(it.reference for it in items))
-    labels = [parse(c) for c in choices]
-    if len(choices) > max_choices or any(lab is None for lab in labels) or len(set(labels)) != len(labels):
-        return None
-    groups: dict[bool, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault(it.special_tokens, []).append(i)
+    choices, labels = spec
     pred: list[str] = [""] * len(items)
     conf = [0.0] * len(items)
-    for special, idx in groups.items():
+    for special, idx in _by_special_tokens(items).items():
         res = fl_generate(model, [items[i].prompt for i in idx], tokenizer=tokenizer, choices=choices,
                           batch_size=batch_size, add_special_tokens=special)
         for j, i in enumerate(idx):
-            pred[i] = labels[choices.index(res.predictions[j])]
-            conf[i] = res.confidences[j]
-    correct = sum(p == it.label for p, it in zip(pred, items))
-    return {"accuracy": correct / len(items), "below_threshold": sum(c < threshold for c in conf),
-            "min_confidence": threshold, "examples": len(items),
-            "details": [{"label": it.label, "predicted": p, "probability": c} for it, p, c in zip(items, pred, conf)]}
+            pred[i], conf[i] = res.predictions[j], res.confidences[j]
+    return _restricted_record(items, labels, choices, pred, conf, threshold)
+
+
+def classify(model, tokenizer, items: Sequence[TaskItem], *, parse: Callable[[str], str | None] | None,
+             max_new_tokens: int = 12, batch_size: int = 16, min_confidence: float | None = None,
+             max_choices: int = 20) -> tuple[float, list[dict], dict | None]:
+    """:func:`task_accuracy` and :func:`choice_accuracy` in one pass over the prompts:
+    ``(accuracy, details, restricted)``. The free greedy answers are read off the forwards
+    that score the labels (``fastlora.generate(choices=..., with_greedy=True)``), so each
+    prompt runs once, and an answer that is a label then the end of turn needs no decode
+    step. ``restricted`` is None when the items are not a classification; the free answers
+    are then :func:`task_accuracy`'s. Under FSDP, which this path cannot drive, both run
+    their own way (the restricted one is then skipped: None)."""
+    from ..generate import generate as fl_generate
+    from ..generate.choices import DEFAULT_MIN_CONFIDENCE
+    from .distributed import is_fully_sharded
+
+    spec = None if is_fully_sharded(model) else _choice_spec(items, parse, max_choices)
+    if spec is None:
+        acc, details = task_accuracy(model, tokenizer, items, parse=parse, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
+        return acc, details, None
+    if not items:
+        raise ValueError("classify: no items to score")
+    choices, labels = spec
+    threshold = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
+    eos = tokenizer.eos_token_id
+    texts: list[str] = [""] * len(items)
+    pred: list[str] = [""] * len(items)
+    conf = [0.0] * len(items)
+    for special, idx in _by_special_tokens(items).items():
+        res = fl_generate(model, [items[i].prompt for i in idx], tokenizer=tokenizer, choices=choices,
+                          batch_size=batch_size, add_special_tokens=special, with_greedy=True,
+                          max_new_tokens=max_new_tokens, stop_token_ids=None if eos is None else [eos])
+        for j, i in enumerate(idx):
+            texts[i], pred[i], conf[i] = res.greedy.texts[j], res.predictions[j], res.confidences[j]
+    acc, details = score_answers(items, texts, parse)
+    return acc, details, _restricted_record(items, labels, choices, pred, conf, threshold)
 
 
 # ------------------------------------------------------------------ forgetting

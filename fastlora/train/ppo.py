@@ -344,7 +344,8 @@ def _seed(cfg: PPOConfig, step: int, what: int) -> int:
     return (cfg.seed * 1_000_003 + step * 101 + what) % (2**31 - 1)
 
 
-def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step: int) -> tuple[Rollout, dict]:
+def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step: int,
+                 temperature: float | None = None) -> tuple[Rollout, dict]:
     """Sample one response per item with the policy (fastlora.generate, log-probs from the decode)."""
     import fastlora
 
@@ -369,7 +370,8 @@ def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step:
         try:
             with torch.no_grad():
                 res = fastlora.generate(model, input_ids=ids.to(dev), attention_mask=attn.to(dev),
-                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        max_new_tokens=cfg.max_new_tokens,
+                                        temperature=cfg.temperature if temperature is None else temperature,
                                         top_k=cfg.top_k or None, top_p=cfg.top_p, seed=_seed(cfg, step, 1),
                                         stop_token_ids=stops, return_logprobs=True)
         finally:
@@ -387,6 +389,20 @@ def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step:
     return ro, {"generate_seconds": gen_s, "rollout_tokens": n_tok,
                 "rollout_tokens_per_second": n_tok / gen_s if gen_s > 0 else None,
                 "prompts_truncated": len(too_long)}
+
+
+def greedy_scores(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], scorer: "Scorer", step: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, ok) of the policy's greedy answers to ``items``: the per-prompt baseline of
+    ``score_baseline: greedy`` (ReMax, Li et al. 2023). A reward model's scores of equally
+    good answers differ from prompt to prompt; a sampled answer then reads as better or
+    worse than it is, and with one sample per prompt (and a critic that has not learnt the
+    prompts yet) PPO follows those offsets. Subtracting the score of the greedy answer to
+    the same prompt leaves what the sample changed, and a sample equal to the greedy answer
+    scores exactly 0. The baseline does not depend on the sample, so the policy gradient
+    stays unbiased."""
+    ro, _ = make_rollout(base, tokenizer, cfg, items, step, temperature=0.0)
+    return scorer(ro)
 
 
 def _stop_ids(lm, tokenizer) -> set[int]:
@@ -410,8 +426,11 @@ class Batch:
     returns: torch.Tensor | None
 
 
-def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta: float) -> tuple[Batch, dict]:
-    """Reference log-probs, values, per-token rewards, advantages (no grad)."""
+def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta: float,
+                  baseline: torch.Tensor | None = None) -> tuple[Batch, dict]:
+    """Reference log-probs, values, per-token rewards, advantages (no grad). ``baseline``
+    (N,): subtracted from the scores before they enter the rewards (``score_baseline``);
+    the stats report the raw scores."""
     from fastlora import rl
 
     dev = _device(base)
@@ -424,6 +443,9 @@ def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta:
         stats = {"kl": float(seq_kl.mean()), "score": float(scores.mean()),
                  "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
                  "response_length": float(mask.sum(1).mean())}
+        if baseline is not None:
+            stats["score_baseline"] = float(baseline.mean())
+            scores = scores - baseline
         if cfg.advantage == "grpo":
             adv = rl.group_advantages(scores.to(dev, torch.float32), cfg.group_size)[:, None] * mask
             stats["non_score_reward"] = float(-beta * seq_kl.mean())
@@ -718,8 +740,14 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
                     step += 1
                     continue
                 ro, scores = ro.select(keep), scores[torch.tensor(keep)]
+            baseline = None
+            if cfg.score_baseline == "greedy":
+                baseline, ok_b = greedy_scores(base, tokenizer, cfg, items, scorer, step)
+                if skipped:
+                    baseline, ok_b = baseline[torch.tensor(keep)], ok_b[torch.tensor(keep)]
+                baseline = torch.where(ok_b, baseline, scores)  # no baseline where its reward failed
             beta = kl_ctl.value
-            batch, bst = prepare_batch(base, cfg, ro, scores, beta)
+            batch, bst = prepare_batch(base, cfg, ro, scores, beta, baseline)
             ust = ppo_updates(base, cfg, batch, optimizer, params, step, beta)
             kl_ctl.update(bst["kl"], len(ro.texts))
             step += 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .config import DTYPES, OPTIMIZERS, SFTConfig
 
 ADVANTAGES = ("gae", "grpo")
+SCORE_BASELINES = ("none", "greedy")
 CRITICS = ("separate", "shared")
 KL_KINDS = ("k1", "k3", "abs", "mse")
 ON_REWARD_ERROR = ("skip", "stop")
@@ -80,6 +81,7 @@ class PPOConfig:
     kl_target: float | None = None  # adaptive KL controller target (per-sequence KL); None = fixed β
     kl_horizon: float = 10000.0
     whiten_advantages: bool = True
+    score_baseline: str = "none"  # none | greedy: subtract the score of the policy's own greedy answer (ReMax)
 
     # --- LoRA / optimization ---
     lora_r: int = 16
@@ -108,7 +110,7 @@ class PPOConfig:
             if isinstance(v, str):
                 setattr(self, name, [v])
         for name, choices in (("advantage", ADVANTAGES), ("critic", CRITICS), ("kl_kind", KL_KINDS),
-                              ("on_reward_error", ON_REWARD_ERROR), ("optimizer", OPTIMIZERS), ("dtype", DTYPES)):
+                              ("on_reward_error", ON_REWARD_ERROR), ("score_baseline", SCORE_BASELINES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES)):
             self._check_choice(name, choices)
         for name in ("batch_size", "max_new_tokens", "ppo_epochs", "mini_batch_size", "grad_accum", "lora_r",
                      "lora_alpha", "max_prompt_length", "eval_batch_size", "log_every", "max_steps"):

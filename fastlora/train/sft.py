@@ -290,10 +290,12 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             log(f"evaluating before training: {len(test_items)} test examples"
                 + (", general QA and perplexity" if cfg.measure_forgetting else ""))
         if test_items:
-            acc, _ = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
+            acc, _, restricted = _test_eval(model, tokenizer, test_items, data["parse"], cfg, log, "before",
+                                            shard_eval)
             before["accuracy"] = acc
             log(f"test accuracy before training: {acc:.1%} ({len(test_items)} examples)")
-            before.update(_restricted(model, tokenizer, test_items, data["parse"], cfg, log, "before"))
+            _log_restricted(restricted, len(test_items), log, "before")
+            before.update(restricted)
         if cfg.measure_forgetting:
             before["general"] = _general(model, tokenizer, cfg)
             log(f"general QA before: {before['general']['qa_accuracy']:.1%}, "
@@ -400,8 +402,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     after: dict[str, Any] = {}
     details = None
     if test_items:
-        after["accuracy"], details = _task_accuracy(model, tokenizer, test_items, data["parse"], cfg, shard_eval)
-        after.update(_restricted(model, tokenizer, test_items, data["parse"], cfg, log, "after"))
+        after["accuracy"], details, restricted = _test_eval(model, tokenizer, test_items, data["parse"], cfg, log,
+                                                             "after", shard_eval)
+        _log_restricted(restricted, len(test_items), log, "after")
+        after.update(restricted)
     if cfg.measure_forgetting:
         after["general"] = _general(model, tokenizer, cfg)
     after["seconds"] = time.perf_counter() - t_eval
@@ -459,19 +463,31 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     return summary
 
 
-def _restricted(model, tokenizer, items, parse, cfg: SFTConfig, log, when: str) -> dict:
-    """Label-restricted accuracy and the examples below the default confidence threshold
-    (fastlora.train.evaluate.choice_accuracy); {} when the test set is not a classification."""
+def _test_eval(model, tokenizer, items, parse, cfg: SFTConfig, log, when: str, sharded: bool
+               ) -> tuple[float, list[dict], dict]:
+    """Test accuracy of the free greedy answers, their details, and the label-restricted
+    record ({} when the test set is not a classification): one pass over the prompts
+    (``ev.classify``) on one process; sharded over the ranks, the two run apart."""
     if dist.is_fully_sharded(model):  # choice scoring drives the decoder itself, past FSDP2's root hooks
+        acc, details = _task_accuracy(model, tokenizer, items, parse, cfg, sharded)
         log(f"label-restricted accuracy {when} training: not measured under FSDP")
-        return {}
-    res = ev.choice_accuracy(model, tokenizer, items, parse=parse, batch_size=cfg.eval_batch_size)
+        return acc, details, {}
+    if sharded and dist.world_size() > 1:
+        acc, details = _task_accuracy(model, tokenizer, items, parse, cfg, sharded)
+        res = ev.choice_accuracy(model, tokenizer, items, parse=parse, batch_size=cfg.eval_batch_size)
+    else:
+        acc, details, res = ev.classify(model, tokenizer, items, parse=parse, max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.eval_batch_size)
     if res is None:
-        return {}
-    log(f"test accuracy {when} training, answers restricted to the labels: {res['accuracy']:.1%}; "
-        f"{res['below_threshold']} of {res['examples']} below confidence {res['min_confidence']:.2f}")
-    return {"restricted_accuracy": res["accuracy"], "below_threshold": res["below_threshold"],
-            "min_confidence": res["min_confidence"]}
+        return acc, details, {}
+    return acc, details, {"restricted_accuracy": res["accuracy"], "below_threshold": res["below_threshold"],
+                          "min_confidence": res["min_confidence"]}
+
+
+def _log_restricted(rec: dict, examples: int, log, when: str) -> None:
+    if rec:
+        log(f"test accuracy {when} training, answers restricted to the labels: {rec['restricted_accuracy']:.1%}; "
+            f"{rec['below_threshold']} of {examples} below confidence {rec['min_confidence']:.2f}")
 
 
 def _general(model, tokenizer, cfg: SFTConfig) -> dict:

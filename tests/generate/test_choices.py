@@ -106,3 +106,74 @@ def test_choice_accuracy_of_the_sft_evaluation(qlora, chat_tokenizer):
     assert res["below_threshold"] == sum(c < 0.5 for c in direct.confidences)
     # not a classification task: no labels
     assert choice_accuracy(qlora, tok, [TaskItem("x", "y")], parse=parse_answer) is None
+
+
+def _own_choices(tok, prompts, seqs, n_tokens):
+    """Distinct choices made of each row's own first greedy tokens (those that tokenize back
+    to themselves after every prompt), so greedy decoding walks the trie."""
+    from fastlora.generate.choices import check_continuation, choice_token_ids
+
+    out = []
+    for q in seqs:
+        text = tok.decode(q[:n_tokens].tolist())
+        if not text or text in out:
+            continue
+        try:
+            ids = choice_token_ids([text], tok)
+            check_continuation(prompts, [text], ids, tok, False)
+        except ValueError:
+            continue
+        out.append(text)
+    return out
+
+
+def test_with_greedy_is_plain_greedy(qlora, chat_tokenizer):
+    """with_greedy=True gives the tokens plain greedy decoding gives, on every route: rows
+    off the trie at once, rows that follow a choice and go on, rows that end on a stop
+    token right after a choice (no decode step), rows that run out of budget inside it."""
+    tok = chat_tokenizer
+    prompts = [chat(tok, q) for q in ("why was I charged twice", "my throat hurts", "book a visit for friday",
+                                      "a bill I do not understand", "fever since monday")]
+    qlora.eval()
+    kw = dict(tokenizer=tok, add_special_tokens=False, batch_size=2)
+    plain = fastlora.generate(qlora, prompts, max_new_tokens=6, **kw)
+    # 1. the usual labels: a random tiny model leaves the trie at its first token
+    res = fastlora.generate(qlora, prompts, choices=CHOICES, max_new_tokens=6, with_greedy=True, **kw)
+    assert [s.tolist() for s in res.greedy.sequences] == [s.tolist() for s in plain.sequences]
+    assert res.greedy.texts == plain.texts and res.greedy.finish_reasons == plain.finish_reasons
+    assert res.greedy.info["rows_decoded_from_their_prompt_cache"] == len(prompts)
+    # restricted predictions are those of a call without with_greedy
+    alone = fastlora.generate(qlora, prompts, choices=CHOICES, **kw)
+    assert res.predictions == alone.predictions
+    torch.testing.assert_close(res.choice_logprobs, alone.choice_logprobs, rtol=0, atol=1e-5)
+    # 2. choices made of the rows' own first greedy tokens: those rows walk the trie
+    own = _own_choices(tok, prompts, plain.sequences, 3)
+    assert len(own) >= 2, f"too few usable choices from the tiny model's greedy output: {own}"
+    res = fastlora.generate(qlora, prompts, choices=own, max_new_tokens=6, with_greedy=True, **kw)
+    assert [s.tolist() for s in res.greedy.sequences] == [s.tolist() for s in plain.sequences]
+    assert res.greedy.info["rows_decoded_after_trie_tokens"] >= 2
+    # 3. the token after a choice is a stop token: that row costs no decode step
+    walked = [i for i, q in enumerate(plain.sequences) if tok.decode(q[:3].tolist()) in own]
+    stop = int(plain.sequences[walked[0]][3])
+    plain_s = fastlora.generate(qlora, prompts, max_new_tokens=6, stop_token_ids=[stop], **kw)
+    res = fastlora.generate(qlora, prompts, choices=own, max_new_tokens=6, with_greedy=True, stop_token_ids=[stop],
+                            **kw)
+    assert [s.tolist() for s in res.greedy.sequences] == [s.tolist() for s in plain_s.sequences]
+    assert res.greedy.finish_reasons[walked[0]] == "stop_token"
+    assert res.greedy.info["rows_without_a_decode_step"] >= 1
+    # 4. a budget that ends inside the trie
+    plain2 = fastlora.generate(qlora, prompts, max_new_tokens=2, **kw)
+    res = fastlora.generate(qlora, prompts, choices=own, max_new_tokens=2, with_greedy=True, **kw)
+    assert [s.tolist() for s in res.greedy.sequences] == [s.tolist() for s in plain2.sequences]
+    assert all(r == "length" for i, r in enumerate(res.greedy.finish_reasons) if i in walked)
+
+
+def test_with_greedy_bad_input(qlora, chat_tokenizer):
+    tok = chat_tokenizer
+    p = [chat(tok, "my throat hurts")]
+    with pytest.raises(ValueError, match="pass choices="):
+        fastlora.generate(qlora, p, tokenizer=tok, with_greedy=True)
+    with pytest.raises(ValueError, match="cannot sample"):
+        fastlora.generate(qlora, p, tokenizer=tok, choices=CHOICES, with_greedy=True, temperature=0.7)
+    with pytest.raises(ValueError, match="stop_strings"):
+        fastlora.generate(qlora, p, tokenizer=tok, choices=CHOICES, with_greedy=True, stop_strings=["}"])

@@ -42,3 +42,25 @@ def test_default_model_greedy_matches_transformers(smollm_dir, chat_tokenizer):
                             stop_token_ids=[tok.eos_token_id])
     assert [s.tolist() for s in got.sequences] == want
     assert got.texts == [tok.decode(w, skip_special_tokens=True) for w in want]
+    # The label-restricted evaluation reads the free greedy answers off its own forwards
+    # (with_greedy): the same tokens. The labels send every row off the trie at its first
+    # token; choices made of rows' own first tokens walk it (natural text, unlike a tiny
+    # random model's repeated tokens), and a stop token after one ends that row there.
+    from tests.generate.test_choices import _own_choices
+
+    labels = sorted({r["label"] for r in data["test"]})
+    choices = [tok.decode(tok(f'{{"category": "{c}"}}', add_special_tokens=False)["input_ids"]) for c in labels]
+    res = fastlora.generate(model, prompts, tokenizer=tok, max_new_tokens=12, add_special_tokens=False,
+                            stop_token_ids=[tok.eos_token_id], choices=choices, with_greedy=True, batch_size=4)
+    assert [s.tolist() for s in res.greedy.sequences] == want
+    own = _own_choices(tok, prompts, got.sequences, 4)
+    assert len(own) >= 2
+    walked = [i for i, q in enumerate(got.sequences) if tok.decode(q[:4].tolist()) in own]
+    stop = int(got.sequences[walked[0]][4])
+    plain = fastlora.generate(model, prompts, tokenizer=tok, max_new_tokens=12, add_special_tokens=False,
+                              stop_token_ids=[tok.eos_token_id, stop], batch_size=4)
+    res = fastlora.generate(model, prompts, tokenizer=tok, max_new_tokens=12, add_special_tokens=False,
+                            stop_token_ids=[tok.eos_token_id, stop], choices=own, with_greedy=True, batch_size=4)
+    assert [s.tolist() for s in res.greedy.sequences] == [s.tolist() for s in plain.sequences]
+    assert res.greedy.finish_reasons[walked[0]] == "stop_token"
+    assert res.greedy.info["rows_without_a_decode_step"] >= 1

@@ -138,6 +138,35 @@ def test_grpo_and_shared_critic_run(toy_dir, tmp_path):
     assert roles["critic"]["adapter"] == "policy"
 
 
+
+def test_greedy_score_baseline(toy_dir, tmp_path, monkeypatch):
+    """score_baseline=greedy subtracts, per prompt, the score of the policy's greedy answer
+    (the same answer whatever the sampling seed); the metrics report the raw score and
+    the baseline."""
+    import fastlora.train.ppo as ppo_mod
+
+    seen = []
+    real = ppo_mod.greedy_scores
+
+    def spy(base, tok, cfg, items, scorer, step):
+        scores, ok = real(base, tok, cfg, items, scorer, step)
+        a, _ = ppo_mod.make_rollout(base, tok, cfg, items, step, temperature=0.0)
+        b, _ = ppo_mod.make_rollout(base, tok, cfg, items, step + 99, temperature=0.0)
+        assert a.texts == b.texts  # greedy: the seed changes nothing
+        assert torch.equal(scorer(a)[0], scores)
+        seen.append(scores)
+        return scores, ok
+
+    monkeypatch.setattr(ppo_mod, "greedy_scores", spy)
+    ppo_mod.ppo(_cfg(toy_dir, tmp_path / "run", score_baseline="greedy", batch_size=8, max_steps=2))
+    steps = _steps(tmp_path / "run")
+    assert len(seen) == 2
+    for s in (1, 2):
+        assert steps[s]["score_baseline"] == pytest.approx(float(seen[s - 1].mean()), abs=1e-6)
+        assert math.isfinite(steps[s]["score"]) and math.isfinite(steps[s]["policy_loss"])
+    with pytest.raises(ValueError, match="score_baseline"):
+        _cfg(toy_dir, tmp_path / "bad", score_baseline="mean")
+
 # ------------------------------------------------------------------ roles
 def _sft_adapter(toy_dir, path):
     """A random non-zero LoRA adapter standing in for an SFT result."""
