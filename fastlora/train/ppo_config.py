@@ -23,7 +23,7 @@ ON_REWARD_ERROR = ("skip", "stop")
 GENERIC = {"batch_size": 16, "mini_batch_size": 8, "max_steps": 20, "lr": 1e-5}
 # The embedded healthcare default, sized for the 10-minute budget on 2 CPU cores: 8 prompts per
 # rollout, one mini-batch of 8, so 4 optimizer steps (the 4 PPO epochs) per rollout.
-EMBEDDED_TASK = {"batch_size": 8, "mini_batch_size": 8, "max_steps": 12, "lr": 5e-5}
+EMBEDDED_TASK = {"batch_size": 8, "mini_batch_size": 8, "max_steps": 12, "lr": 1e-5}
 
 
 @dataclass
