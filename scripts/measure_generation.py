@@ -1,12 +1,15 @@
 """Before/after figures of issue 12, measured side by side in one process (interleaved).
 
-1. ``eval``: the default SFT run's test-set evaluation (healthcare test split, greedy,
-   ``max_new_tokens`` 12, batch 32) on the default model as ``fastlora sft`` loads it
-   (SmolLM2-135M-Instruct, NF4 + double quant, fp32 compute, LoRA r=16 all-linear,
-   patched). "before" is what the run did until now: transformers' ``generate`` on the
-   patched model, whose LoRA layers dequantize every weight at every step (the CPU GEMV
-   branch switched off); "after" is ``fastlora.generate``. Same prompts, same batches;
-   the generated texts must be identical.
+1. ``eval``: the default SFT run's whole evaluation (what it runs before and after
+   training) on the default model as ``fastlora sft`` loads it (SmolLM2-135M-Instruct,
+   NF4 + double quant, fp32 compute, LoRA r=16 all-linear, patched), with the adapter of
+   ``--adapter`` (e.g. ``runs/sft/adapter``: a trained one, as after training) or a random
+   one (as before training: answers that are not the labels). "before" is the evaluation
+   as it was before issue 12: test accuracy and the general-QA answers by transformers'
+   ``generate`` on the patched model (the CPU GEMV switched off), then perplexity.
+   "after" is the evaluation now: the test answers AND the label-restricted accuracy in
+   one pass (``evaluate.classify``), the general-QA answers by ``fastlora.generate``, the
+   perplexity. Same prompts, same batches; the generated texts must be identical.
 2. ``decode``: new tokens per second, ``fastlora.generate`` (patched model) against
    transformers' ``generate`` on the unpatched bitsandbytes 4-bit model, a fixed batch,
    every row forced to make the same number of tokens.
@@ -70,44 +73,87 @@ def fl_texts(model, tok, prompts, max_new_tokens, batch_size):
                              add_special_tokens=False, stop_token_ids=[tok.eos_token_id]).texts
 
 
-def measure_eval(rounds: int, limit: int = 0) -> dict:
+def measure_eval(rounds: int, limit: int = 0, adapter: str | None = None) -> dict:
     from fastlora.ops import nf4_gemv
-    from fastlora.train.defaults.healthcare import parse_answer
-    from fastlora.train.evaluate import task_items
+    from fastlora.patch import lora as patch_lora
+    from fastlora.train import evaluate as ev
     from fastlora.train.sft import SFTConfig, load_data
 
-    model, tok, cfg = load(patch=True)
-    data = load_data(SFTConfig().resolved())
-    items = task_items(data["test"][:limit] if limit else data["test"], tok, data["format"])
-    prompts = [it.prompt for it in items]
-    applies = nf4_gemv.applies
+    if adapter:
+        from peft import PeftModel
+
+        from fastlora.train.model import apply_patch, default_model_dir, load_base, load_tokenizer
+
+        path = default_model_dir()
+        tok = load_tokenizer(path)
+        base = load_base(path, load_in_4bit=True, dtype=torch.float32, device=torch.device("cpu"))
+        model = PeftModel.from_pretrained(base, adapter)
+        apply_patch(model, True)
+        cfg = SFTConfig()
+    else:
+        model, tok, cfg = load(patch=True)
+    cfg = cfg.resolved()
+    data = load_data(cfg)
+    items = ev.task_items(data["test"][:limit] if limit else data["test"], tok, data["format"])
+    parse = data["parse"]
+    bs, new = cfg.eval_batch_size, cfg.max_new_tokens
+
+    def old():  # issue 12's "now": transformers' generate, the GEMV off
+        applies, decode = nf4_gemv.applies, patch_lora._cpu_decode
+        nf4_gemv.applies = lambda *a, **k: False
+        patch_lora._cpu_decode = lambda *a, **k: None
+        gen = ev.generate
+        ev.generate = lambda m, t, p, max_new_tokens=12, batch_size=16, special_tokens=False: ev._hf_generate(
+            m, t, p, max_new_tokens=max_new_tokens, batch_size=batch_size, special_tokens=special_tokens)
+        try:
+            t0 = time.perf_counter()
+            acc, det = ev.task_accuracy(model, tok, items, parse=parse, max_new_tokens=new, batch_size=bs)
+            t1 = time.perf_counter()
+            gen_qa = ev.general_ability(model, tok, batch_size=bs)
+            t2 = time.perf_counter()
+        finally:
+            nf4_gemv.applies, patch_lora._cpu_decode, ev.generate = applies, decode, gen
+        return {"accuracy": acc, "texts": [d["output"] for d in det], "qa": [q["output"] for q in gen_qa["qa_outputs"]],
+                "restricted": None, "seconds": {"test": t1 - t0, "general": t2 - t1}}
+
+    def new_():
+        t0 = time.perf_counter()
+        acc, det, res = ev.classify(model, tok, items, parse=parse, max_new_tokens=new, batch_size=bs)
+        t1 = time.perf_counter()
+        gen_qa = ev.general_ability(model, tok, batch_size=bs)
+        t2 = time.perf_counter()
+        return {"accuracy": acc, "texts": [d["output"] for d in det], "qa": [q["output"] for q in gen_qa["qa_outputs"]],
+                "restricted": res["accuracy"] if res else None, "seconds": {"test": t1 - t0, "general": t2 - t1}}
+
     times = {"before": [], "after": []}
     cpu = {"before": [], "after": []}
-    outs = {}
+    outs: dict = {}
     for r in range(rounds):
-        for name in ("before", "after"):
-            if name == "before":
-                nf4_gemv.applies = lambda *a, **k: False  # the pre-issue path: dequantize every call
+        for name, fn in (("before", old), ("after", new_)):
             t, c = time.perf_counter(), time.process_time()
-            texts = (hf_texts if name == "before" else fl_texts)(model, tok, prompts, cfg.max_new_tokens,
-                                                                  cfg.eval_batch_size)
+            got = fn()
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
-            nf4_gemv.applies = applies
-            outs.setdefault(name, texts)
-            assert texts == outs[name], f"{name}: outputs changed between rounds"
+            if name in outs:
+                assert got["texts"] == outs[name]["texts"], f"{name}: outputs changed between rounds"
+            outs[name] = got
             print(json.dumps({"what": "eval", "round": r, "impl": name, "seconds": round(times[name][-1], 2),
-                              "cpu_seconds": round(cpu[name][-1], 2)}), flush=True)
-    same = outs["before"] == outs["after"]
-    acc = {k: sum(parse_answer(o) == it.label for o, it in zip(v, items)) / len(items) for k, v in outs.items()}
-    ratios = [b / a for b, a in zip(times["before"], times["after"])]
-    return {"what": "eval", "examples": len(items), "batch": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens,
+                              "cpu_seconds": round(cpu[name][-1], 2),
+                              "parts": {k: round(v, 2) for k, v in got["seconds"].items()}}), flush=True)
+    b, a = outs["before"], outs["after"]
+    ratios = [x / y for x, y in zip(times["before"], times["after"])]
+    return {"what": "eval", "examples": len(items), "general_qa": len(a["qa"]), "batch": bs, "max_new_tokens": new,
+            "adapter": adapter or "random (B ~ N(0, 0.002^2))",
             "before_s_median": statistics.median(times["before"]), "after_s_median": statistics.median(times["after"]),
             "speedup_median": statistics.median(ratios),
             "before_cpu_s_median": statistics.median(cpu["before"]), "after_cpu_s_median": statistics.median(cpu["after"]),
-            "cpu_speedup_median": statistics.median([b / a for b, a in zip(cpu["before"], cpu["after"])]),
-            "identical_outputs": same,
-            "differing": sum(a != b for a, b in zip(outs["before"], outs["after"])), "accuracy": acc}
+            "cpu_speedup_median": statistics.median([x / y for x, y in zip(cpu["before"], cpu["after"])]),
+            "identical_test_answers": b["texts"] == a["texts"],
+            "differing_test_answers": sum(x != y for x, y in zip(b["texts"], a["texts"])),
+            "identical_general_answers": b["qa"] == a["qa"],
+            "accuracy": {"before": b["accuracy"], "after": a["accuracy"]},
+            "restricted_accuracy_after_only": a["restricted"],
+            "parts_s_last_round": {"before": b["seconds"], "after": a["seconds"]}}
 
 
 def measure_decode(rounds: int, batch: int = 8, new: int = 32) -> dict:
@@ -176,10 +222,11 @@ def main() -> None:
     ap.add_argument("--what", nargs="+", default=["eval", "decode"], choices=["eval", "decode"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--limit", type=int, default=0, help="eval: first N test examples only (0 = all)")
+    ap.add_argument("--adapter", default=None, help="eval: a trained adapter dir (default: a random one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for w in args.what:
-        res = measure_eval(args.rounds, args.limit) if w == "eval" else measure_decode(args.rounds, batch=args.batch)
+        res = measure_eval(args.rounds, args.limit, args.adapter) if w == "eval" else measure_decode(args.rounds, batch=args.batch)
         res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), threads=args.threads)
         print(json.dumps(res), flush=True)
 
