@@ -162,6 +162,11 @@ for area in "${area_list[@]}"; do
   if [ -n "$f" ]; then cp "$f" "$OUT/bench.json"; cp "${f%.json}.md" "$OUT/bench.md" 2>/dev/null; fi
 done
 
+# issue 14's memory bar on the GPU: one 8B-wide PPO step, four separate bnb + PEFT models
+# vs the shared base, from the caching allocator's statistics (after the speed evidence)
+step ppo-memory 150 60 "$PY" benchmarks/ppo_memory.py --device cuda --out "$LOGS/ppo_memory_gpu.json"
+cp "$LOGS/ppo_memory_gpu.json" "$OUT/" 2>/dev/null  # the JSON only: $OUT returns at most 8 files
+
 kill "$BUILD_PID" 2>/dev/null
 note "run_gpu.sh: done in $((SECONDS - T0)) s, exit status $STATUS"
 publish
