@@ -78,6 +78,25 @@ def test_isa_paths_agree_and_strided_x():
     assert "scalar" in outs and len(outs) >= 2 or len(_isas()) == 1
 
 
+
+def test_threads_split_output_features_bit_identically():
+    """With 2 threads (work above the kernel's threshold) each output feature is still one
+    thread's sum in one order: the result equals the single-thread one bit for bit, and
+    the reference within the fp32 bound; odd N leaves an uneven last chunk."""
+    wq = _weight(1031, 576, torch.float32, 64, True, seed=7)
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(8))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = G.nf4_gemv(x, wq)
+        torch.set_num_threads(2)
+        two = G.nf4_gemv(x, wq)
+    finally:
+        torch.set_num_threads(n)
+    assert 9 * 1031 * 576 >= 1 << 22  # above the kernel's threshold: the parallel region runs
+    assert torch.equal(one, two)
+    _check(two, x, wq, None, "2 threads")
+
 def test_bad_input():
     wq = _weight(8, 64, torch.float32, 64, False)
     with pytest.raises(ValueError, match=r"x has shape \(2, 32\) but the weight has shape \(8, 64\)"):
