@@ -107,19 +107,33 @@ def _adapter_dir(cfg: GenerateConfig) -> Path | None:
     return p if (p / "adapter_config.json").is_file() else None
 
 
-def load_model(cfg: GenerateConfig, log=print):
-    """(model, tokenizer, adapter dir or None, embedded task?) ready for fastlora.generate."""
-    import fastlora
-    from ..train.model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+def model_source(cfg: GenerateConfig, adapter: Path | None) -> tuple[Path, bool]:
+    """(the base model dir, whether it is the embedded default). Without ``--model`` the
+    base is the adapter's own (``base_model_name_or_path``) when that dir exists, else the
+    embedded model. The embedded task's system prompt and labels apply when the base IS
+    the embedded model, also when it was found through the default run's adapter (which
+    names the converted embedded model's dir)."""
+    from ..train.model import resolve_model_path
 
-    adapter = _adapter_dir(cfg)
     model_path = cfg.model
     if model_path is None and adapter is not None:
         base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if base_name and Path(base_name).is_dir():
             model_path = base_name
-    embedded = model_path is None
     path = resolve_model_path(model_path, cfg.cache_dir)
+    if cfg.model is not None:
+        return path, False
+    default = resolve_model_path(None, cfg.cache_dir)
+    return path, model_path is None or Path(path).resolve() == Path(default).resolve()
+
+
+def load_model(cfg: GenerateConfig, log=print):
+    """(model, tokenizer, adapter dir or None, embedded task?) ready for fastlora.generate."""
+    import fastlora
+    from ..train.model import load_base, load_tokenizer, resolve_device, resolve_dtype
+
+    adapter = _adapter_dir(cfg)
+    path, embedded = model_source(cfg, adapter)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype("auto", device)
     tok = load_tokenizer(path)

@@ -47,3 +47,29 @@ def test_command_bad_input(tiny_chat_model_dir, tmp_path, capsys):
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert main(["generate", "--model", m, "--adapter", str(tmp_path)]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_the_default_runs_adapter_is_the_embedded_task(tmp_path, monkeypatch):
+    """After `fastlora sft`, the default adapter names the converted embedded model as its
+    base: that is still the embedded task (its system prompt, its labels), while a base
+    given with --model, or another adapter's own base, is not."""
+    import fastlora.train.model as tm
+    from fastlora.generate.commands import GenerateConfig, model_source
+
+    embedded_dir = tmp_path / "cache" / "SmolLM2"
+    other_dir = tmp_path / "other"
+    for d in (embedded_dir, other_dir):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    monkeypatch.setattr(tm, "default_model_dir", lambda cache_dir=None: embedded_dir)
+
+    def adapter(base):
+        a = tmp_path / f"adapter-{base.name}"
+        a.mkdir()
+        (a / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+        return a
+
+    assert model_source(GenerateConfig(), None) == (embedded_dir, True)
+    assert model_source(GenerateConfig(), adapter(embedded_dir)) == (embedded_dir, True)
+    assert model_source(GenerateConfig(), adapter(other_dir)) == (other_dir, False)
+    assert model_source(GenerateConfig(model=str(embedded_dir)), None) == (embedded_dir, False)
