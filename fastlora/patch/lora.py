@@ -188,8 +188,8 @@ def _nf4_view(module: nn.Module, param, nf4_cls, qs=None):
 # (the base layer's kind, the adapter checks, the compute dtype, the NF4 view, the backend,
 # the argument checks of lora_linear): measured at ~190 µs of Python per call around a
 # ~100 µs kernel. Here that work is done once and kept with a key of everything a later
-# call could have changed; a call whose key matches runs exactly the general path's ops
-# for this case (nf4_gemv.lora_gemv_cpu), so the result is the same, bit for bit.
+# call could have changed; a call whose key matches calls what the general path calls for
+# this case (nf4_gemv.lora_gemv_cpu), so the result is the same, bit for bit.
 _DECODE_ATTR = "_fastlora_cpu_decode"
 
 
@@ -248,16 +248,14 @@ def _decode_plan(self: nn.Module, st, x: torch.Tensor):
     view = _nf4_view(self, base.weight, NF4Weight, quant_state(base))
     if view.blocksize % 2 or int(view.shape[1]) != x.shape[-1]:
         return None
-    storage = nf4_gemv._storage(view)
-    return (cd, storage, int(view.shape[0]), view.blocksize, view.state2_blocksize, view.dtype,
-            self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), base.bias)
+    return cd, view, self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), base.bias
 
 
 def _cpu_decode(self: nn.Module, st, x: torch.Tensor):
     """The layer's output for a CPU decode call (few rows, no grad), or None."""
     from ..backend import Backend
     from ..ops.lora_linear import _choose_backends
-    from ..ops.nf4_gemv import CPU_GEMV_MAX_M, _impl
+    from ..ops.nf4_gemv import CPU_GEMV_MAX_M, lora_gemv_cpu
 
     K = x.shape[-1]
     if K == 0 or x.dim() < 2 or x.numel() // K > CPU_GEMV_MAX_M or x.numel() == 0:
@@ -274,18 +272,15 @@ def _cpu_decode(self: nn.Module, st, x: torch.Tensor):
     plan = cached[1]
     if plan is None:
         return None
-    cd, storage, N, bs, bs2, wdtype, A, B, scaling, bias = plan
+    cd, view, A, B, scaling, bias = plan
     # the backend the general path would pick (a forced backend, e.g. the reference, wins)
     if _choose_backends(x.device, x.numel() // K, cd, None)[0] is not Backend.CPP:
         return None
     x2d = x.to(cd).reshape(-1, K)
     if bias is not None:
         bias = bias.to(cd)
-    # nf4_gemv.lora_gemv_cpu's ops, in its order (the general path runs exactly these)
-    y = _impl(x2d, *storage, N, bs, bs2, wdtype, bias, -1)
-    xa = x2d.to(A.dtype) @ A.t()
-    y = y + ((xa @ B.t()) * scaling).to(y.dtype)
-    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+    y = lora_gemv_cpu(x2d, view, A, B, scaling, bias)  # what the general path calls here
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

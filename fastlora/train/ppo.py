@@ -256,13 +256,9 @@ class Scorer:
             else:
                 rows.append(list(tok(prompt, add_special_tokens=True)["input_ids"])
                             + list(tok(text, add_special_tokens=False)["input_ids"]))
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
-        attn = torch.zeros((len(rows), L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attn[i, : len(r)] = 1
-        return ids, attn
+        from .pairs import _pad
+
+        return _pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
 
 
 def chat_turn_tail(tokenizer) -> str:
@@ -512,10 +508,9 @@ def ppo_updates(base, cfg: PPOConfig, b: Batch, optimizer, params: list, step: i
                 (loss * (float(counts[part].sum()) / total)).backward()
                 for k, v in st.items():
                     acc.setdefault(k, []).append(v)
-            if cfg.max_grad_norm > 0:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm = lifecycle.optimizer_step(params, optimizer, max_grad_norm=cfg.max_grad_norm)
+            if norm is not None:
+                norms.append(norm)
     out = {k: sum(v) / len(v) for k, v in acc.items()}
     if norms:
         out["grad_norm"] = sum(norms) / len(norms)

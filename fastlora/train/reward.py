@@ -383,13 +383,8 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
                 correct += int((diff > 0).sum())
                 margin_sum += float(diff.sum())
                 tokens += n_tok
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = lifecycle.optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             step += 1
             dt = time.perf_counter() - t0
             state["train_seconds"] += dt

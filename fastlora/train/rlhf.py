@@ -35,42 +35,38 @@ def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progres
     runs = Path(runs_dir)
     log = print if progress else (lambda *_: None)
     out: dict[str, Any] = {}
+    sft_dir, rm_dir, ppo_dir = runs / "sft", runs / "rm", runs / "ppo"
 
-    sft_dir = runs / "sft"
-    out["sft"] = _summary(sft_dir)
-    if out["sft"] is None:
+    def run_sft():
         from .config import SFTConfig
         from .sft import sft
 
-        log(f"== stage 1/3: SFT -> {sft_dir}")
-        out["sft"] = sft(SFTConfig(output_dir=str(sft_dir), cache_dir=cache_dir, progress=progress,
-                                   resume=_resume(sft_dir)))
-    else:
-        log(f"== stage 1/3: SFT: done ({sft_dir / 'summary.json'})")
+        return sft(SFTConfig(output_dir=str(sft_dir), cache_dir=cache_dir, progress=progress,
+                             resume=_resume(sft_dir)))
 
-    rm_dir = runs / "rm"
-    out["rm"] = _summary(rm_dir)
-    if out["rm"] is None:
+    def run_rm():
         from .reward import RewardConfig, reward
 
-        log(f"== stage 2/3: reward model -> {rm_dir}")
-        out["rm"] = reward(RewardConfig(output_dir=str(rm_dir), cache_dir=cache_dir, progress=progress,
-                                        resume=_resume(rm_dir)))
-    else:
-        log(f"== stage 2/3: reward model: done ({rm_dir / 'summary.json'})")
+        return reward(RewardConfig(output_dir=str(rm_dir), cache_dir=cache_dir, progress=progress,
+                                   resume=_resume(rm_dir)))
 
-    ppo_dir = runs / "ppo"
-    out["ppo"] = _summary(ppo_dir)
-    if out["ppo"] is None:
+    def run_ppo():
         from .ppo import find_reward_adapter, ppo
         from .ppo_config import PPOConfig
 
-        log(f"== stage 3/3: PPO -> {ppo_dir}")
-        out["ppo"] = ppo(PPOConfig(output_dir=str(ppo_dir), sft_output_dir=str(sft_dir),
-                                   reward_model=str(find_reward_adapter(rm_dir)), cache_dir=cache_dir,
-                                   progress=progress, resume=_resume(ppo_dir)))
-    else:
-        log(f"== stage 3/3: PPO: done ({ppo_dir / 'summary.json'})")
+        return ppo(PPOConfig(output_dir=str(ppo_dir), sft_output_dir=str(sft_dir),
+                             reward_model=str(find_reward_adapter(rm_dir)), cache_dir=cache_dir,
+                             progress=progress, resume=_resume(ppo_dir)))
+
+    stages = (("sft", "SFT", sft_dir, run_sft), ("rm", "reward model", rm_dir, run_rm),
+              ("ppo", "PPO", ppo_dir, run_ppo))
+    for i, (key, name, d, run) in enumerate(stages, 1):
+        out[key] = _summary(d)
+        if out[key] is None:
+            log(f"== stage {i}/3: {name} -> {d}")
+            out[key] = run()
+        else:
+            log(f"== stage {i}/3: {name}: done ({d / 'summary.json'})")
 
     out["table"] = table(out["sft"], out["rm"], out["ppo"])
     if progress:

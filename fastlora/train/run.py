@@ -96,6 +96,23 @@ class FinalSaveFailed(EnvironmentFailure):
         self.rescued = rescued
 
 
+def optimizer_step(params, optimizer, scheduler=None, max_grad_norm: float = 0.0) -> float | None:
+    """One optimizer step of every trainer: clip the gradients (when ``max_grad_norm`` > 0),
+    step the optimizer (and the scheduler), zero the gradients. Returns the gradient norm
+    before clipping (a float, gathered from its shards under FSDP), or None unclipped."""
+    import torch
+
+    grad_norm = None
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 

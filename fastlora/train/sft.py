@@ -321,14 +321,8 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             loss_sum, n_total, tokens = accumulate_gradients(train_model, batches, device)
             loss_sum, tokens = dist.all_sum([loss_sum, tokens], device)
             tokens = int(tokens)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = lifecycle.optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             step += 1
             dt = time.perf_counter() - t0
             state["train_seconds"] += dt
