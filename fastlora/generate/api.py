@@ -88,11 +88,34 @@ def _generation_mode(model) -> Iterator[None]:
     protect_bnb_weights(model)  # before any eval-mode no-grad forward (see module docstring)
     was_training = model.training
     model.eval()
+    hook = _contiguous_head_input(model)
     try:
         with torch.no_grad():
             yield
     finally:
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
+
+
+def _contiguous_head_input(model):
+    """transformers hands the output projection a strided view, the last positions of the
+    hidden states (``logits_to_keep``). On CPU, ``F.linear`` on a strided 3-D input runs as
+    a batched matmul over a broadcast weight, 3.7x slower than a matmul of a contiguous
+    copy (measured: SmolLM2's head, (32, 5, 576) rows, 247 ms against 66 ms). For the
+    call, a pre-hook on the head copies such an input; the values are the same."""
+    from .decode import causal_lm
+
+    head = causal_lm(model).get_output_embeddings() if hasattr(causal_lm(model), "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+
+    def contiguous(_module, args):
+        if args and torch.is_tensor(args[0]) and not args[0].is_contiguous():
+            return (args[0].contiguous(),) + tuple(args[1:])
+        return None
+
+    return head.register_forward_pre_hook(contiguous)
 
 
 def _find_tokenizer(model, tokenizer):

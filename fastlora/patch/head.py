@@ -249,35 +249,10 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
     arguments = _flatten_arguments(spec.signature, args, kwargs)
     if arguments is None or arguments.get("labels") is None:
         return st.original(*args, **kwargs)
-    keep = arguments.get("logits_to_keep", 0)
-    if not (keep is None or (isinstance(keep, int) and keep == 0)):
+    fused = _fused(self, spec, arguments)
+    if fused is None:
         return st.original(*args, **kwargs)
-    if arguments.get("output_router_logits"):
-        warn_once("head-runtime:router", "fastlora: output_router_logits=True: the MoE auxiliary "
-                  "loss needs the original forward, which materializes the logits")
-        return st.original(*args, **kwargs)
-    why = _loss_reason(self)
-    sharded = _fsdp_head(self)
-    if sharded is None:
-        w, b, why2 = head_weights(self, training=True) if why is None else (None, None, why)
-    else:  # its weight is a shard until its own forward gathers it: read it only in there
-        w, b, why2 = None, None, why
-    if why2 is not None:
-        warn_once(f"head-runtime:{why2}", f"fastlora: the causal-LM loss runs unfused: {why2}")
-        return st.original(*args, **kwargs)
-
-    labels = arguments.pop("labels")
-    arguments.pop("logits_to_keep", None)
-    return_dict = arguments.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    out, hidden = _call_decoder(self, spec, arguments)
-    if sharded is None:
-        loss = causal_lm_loss(hidden, w, b, labels, spec, **arguments)
-    else:
-        loss = _sharded_head_loss(self, sharded, hidden, labels, spec, arguments)
-        if loss is None:  # the gathered head turned out not fusable: the original forward, once more
-            return st.original(*args, **kwargs)
+    out, loss, return_dict = fused
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -289,6 +264,57 @@ def causal_lm_forward(self: nn.Module, *args, **kwargs):
         attentions=getattr(out, "attentions", None),
     )
     return result if return_dict is not False else result.to_tuple()
+
+
+def fused_loss(lm: nn.Module, **arguments) -> tuple[torch.Tensor, object] | None:
+    """``(loss, decoder output)`` of a patched causal LM called with ``arguments`` (its
+    forward's keywords, ``labels`` included) through the decoder and the fused linear
+    cross-entropy, in eval mode too; None when ``lm`` is not patched or its loss cannot
+    run fused now: the caller then calls ``lm`` itself.
+
+    The bound forward fuses in training only, because in eval mode its callers
+    (transformers' Trainer, metrics) expect the logits. An evaluation that wants only
+    the loss calls this: the (tokens, vocab) logits never exist, and the head runs on
+    the trained tokens only (``linear_cross_entropy`` drops ignored rows first)."""
+    st = _bind.state(lm)
+    if st is None or st.kind != KIND or arguments.get("labels") is None:
+        return None
+    fused = _fused(lm, st.extra, dict(arguments))
+    return None if fused is None else (fused[1], fused[0])
+
+
+def _fused(lm: nn.Module, spec: HeadSpec, arguments: dict):
+    """(decoder output, loss, return_dict) by the fused head, or None (then the original forward)."""
+    keep = arguments.get("logits_to_keep", 0)
+    if not (keep is None or (isinstance(keep, int) and keep == 0)):
+        return None
+    if arguments.get("output_router_logits"):
+        warn_once("head-runtime:router", "fastlora: output_router_logits=True: the MoE auxiliary "
+                  "loss needs the original forward, which materializes the logits")
+        return None
+    why = _loss_reason(lm)
+    sharded = _fsdp_head(lm)
+    if sharded is None:
+        w, b, why2 = head_weights(lm, training=lm.training) if why is None else (None, None, why)
+    else:  # its weight is a shard until its own forward gathers it: read it only in there
+        w, b, why2 = None, None, why
+    if why2 is not None:
+        warn_once(f"head-runtime:{why2}", f"fastlora: the causal-LM loss runs unfused: {why2}")
+        return None
+
+    labels = arguments.pop("labels")
+    arguments.pop("logits_to_keep", None)
+    return_dict = arguments.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(lm.config, "return_dict", True)
+    out, hidden = _call_decoder(lm, spec, arguments)
+    if sharded is None:
+        loss = causal_lm_loss(hidden, w, b, labels, spec, **arguments)
+    else:
+        loss = _sharded_head_loss(lm, sharded, hidden, labels, spec, arguments)
+        if loss is None:  # the gathered head turned out not fusable
+            return None
+    return out, loss, return_dict
 
 
 _FSDP_LOSS = "_fastlora_head_loss"
