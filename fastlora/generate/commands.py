@@ -107,6 +107,20 @@ def _adapter_dir(cfg: GenerateConfig) -> Path | None:
     return p if (p / "adapter_config.json").is_file() else None
 
 
+def _adapter_base(adapter: Path) -> str | None:
+    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
+def _trained_on(adapter: Path, model_path: Path) -> bool:
+    """Whether ``adapter`` names ``model_path`` as its base (a base that is not a local
+    dir cannot be compared: then it is taken at its word, and a misfit is reported when
+    its weights do not load)."""
+    base = _adapter_base(adapter)
+    if not base or not Path(base).is_dir():
+        return True
+    return Path(base).resolve() == Path(model_path).resolve()
+
+
 def model_source(cfg: GenerateConfig, adapter: Path | None) -> tuple[Path, bool]:
     """(the base model dir, whether it is the embedded default). Without ``--model`` the
     base is the adapter's own (``base_model_name_or_path``) when that dir exists, else the
@@ -117,7 +131,7 @@ def model_source(cfg: GenerateConfig, adapter: Path | None) -> tuple[Path, bool]
 
     model_path = cfg.model
     if model_path is None and adapter is not None:
-        base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base_name = _adapter_base(adapter)
         if base_name and Path(base_name).is_dir():
             model_path = base_name
     path = resolve_model_path(model_path, cfg.cache_dir)
@@ -134,6 +148,10 @@ def load_model(cfg: GenerateConfig, log=print):
 
     adapter = _adapter_dir(cfg)
     path, embedded = model_source(cfg, adapter)
+    skipped = None
+    if adapter is not None and cfg.adapter is None and not _trained_on(adapter, path):
+        # the default run's adapter belongs to the model it was trained on, not to --model
+        skipped, adapter = adapter, None
     device = resolve_device(cfg.device)
     dtype = resolve_dtype("auto", device)
     tok = load_tokenizer(path)
@@ -142,8 +160,18 @@ def load_model(cfg: GenerateConfig, log=print):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+            raise ValueError(f"adapter {str(adapter)!r} does not fit the model {str(path)!r}: it was trained on "
+                             f"{_adapter_base(adapter) or 'another model'} ({first})") from None
         log(f"adapter: {adapter}")
+    elif skipped is not None:
+        log(f"adapter: none ({skipped} was trained on {_adapter_base(skipped) or 'another model'}, not on "
+            f"{path}; pass --adapter DIR to use one)")
     else:
         log(f"adapter: none (no {DEFAULT_ADAPTER}: run `fastlora sft` first, or pass --adapter DIR)")
     fastlora.patch(model)

@@ -9,7 +9,8 @@ from tests.helpers import requires_bnb
 pytestmark = requires_bnb
 
 
-def test_predict_and_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
+def test_predict_and_generate_commands(tiny_chat_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/sft/adapter of a developer's own default run
     m = str(tiny_chat_model_dir)
     rc = main(["predict", "--model", m, "--choices", "yes", "no", "maybe", "--min-confidence", "0.99", "--json",
                "is it urgent?", "can I come tomorrow?"])
@@ -33,7 +34,8 @@ def test_predict_and_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
     assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
 
 
-def test_command_bad_input(tiny_chat_model_dir, tmp_path, capsys):
+def test_command_bad_input(tiny_chat_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     m = str(tiny_chat_model_dir)
     assert main(["predict", "q", "--model", m, "--choices", "a", "b", "a"]) == 2
     assert "duplicates" in capsys.readouterr().err
@@ -73,3 +75,30 @@ def test_the_default_runs_adapter_is_the_embedded_task(tmp_path, monkeypatch):
     assert model_source(GenerateConfig(), adapter(embedded_dir)) == (embedded_dir, True)
     assert model_source(GenerateConfig(), adapter(other_dir)) == (other_dir, False)
     assert model_source(GenerateConfig(model=str(embedded_dir)), None) == (embedded_dir, False)
+
+
+def test_the_default_runs_adapter_only_on_its_own_model(tiny_chat_model_dir, tmp_path, capsys, monkeypatch):
+    """After `make sft`, runs/sft/adapter belongs to the embedded model: `--model OTHER`
+    answers without it (and says so) instead of failing to load it; the same adapter named
+    with --adapter on a model it does not fit is a clear error."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    other = tmp_path / "other-base"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    base = LlamaForCausalLM.from_pretrained(other)
+    base.config.name_or_path = str(other)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "runs/sft/adapter")
+    monkeypatch.chdir(tmp_path)
+    m = str(tiny_chat_model_dir)
+    assert main(["predict", "q", "--model", m, "--choices", "a", "b"]) == 0
+    err = capsys.readouterr().err
+    assert "runs/sft/adapter was trained on" in err and str(other) in err
+    assert main(["predict", "q", "--model", m, "--choices", "a", "b", "--adapter", "runs/sft/adapter"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "size mismatch" in err
