@@ -204,20 +204,21 @@ def growing_layer_class():
 
     class GrowingLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, t = self.get_seq_length(), key_states.shape[-2]
+            n = self.get_seq_length() if getattr(self, "is_initialized", False) else 0
+            t = key_states.shape[-2]
             kb = getattr(self, "_kbuf", None)
-            if kb is None or n + t > kb.shape[-2] or kb.shape[:-2] != key_states.shape[:-2]:
+            if n == 0 or kb is None or n + t > kb.shape[-2] or kb.shape[:-2] != key_states.shape[:-2]:
+                # the parent appends (and initializes the layer its own way, which changed
+                # across transformers versions); then the result moves into roomier buffers
+                keys, values = super().update(key_states, value_states, *args, **kwargs)
                 cap = n + t + max(64, (n + t) // 2)  # amortized: a reallocation per half again
-                kb = key_states.new_empty(key_states.shape[:-2] + (cap, key_states.shape[-1]))
-                vb = value_states.new_empty(value_states.shape[:-2] + (cap, value_states.shape[-1]))
-                if n:
-                    kb[..., :n, :] = self.keys
-                    vb[..., :n, :] = self.values
-                self._kbuf, self._vbuf = kb, vb
-            self._kbuf[..., n: n + t, :] = key_states
-            self._vbuf[..., n: n + t, :] = value_states
+                self._kbuf = keys.new_empty(keys.shape[:-2] + (cap, keys.shape[-1]))
+                self._vbuf = values.new_empty(values.shape[:-2] + (cap, values.shape[-1]))
+                self._kbuf[..., : n + t, :] = keys
+                self._vbuf[..., : n + t, :] = values
+            else:
+                self._kbuf[..., n: n + t, :] = key_states
+                self._vbuf[..., n: n + t, :] = value_states
             self.keys, self.values = self._kbuf[..., : n + t, :], self._vbuf[..., : n + t, :]
             return self.keys, self.values
 
