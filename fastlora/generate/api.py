@@ -106,7 +106,8 @@ def _contiguous_head_input(model):
     call, a pre-hook on the head copies such an input; the values are the same."""
     from .decode import causal_lm
 
-    head = causal_lm(model).get_output_embeddings() if hasattr(causal_lm(model), "get_output_embeddings") else None
+    get_head = getattr(causal_lm(model), "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if not isinstance(head, torch.nn.Module):
         return None
 

@@ -166,15 +166,25 @@ def prefix_cache(runner: Runner, prefix: list[int], rows: int):
         head = torch.tensor([prefix], dtype=torch.long, device=runner.device)
         mask = torch.ones_like(head)
         runner(head, mask, prompt_positions(mask), cache, keep=1)
-        layers = getattr(cache, "layers", None) or []
-        plain = (_dynamic_layer_class(), growing_layer_class())
-        if layers and all(type(layer) in plain and getattr(layer, "keys", None) is not None for layer in layers):
+        layers = _plain_layers(cache)
+        if layers is not None:
             runner.prefix_memo[key] = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
     else:
         for i, (k, v) in enumerate(saved):
             cache.update(k, v, i)
     cache.batch_repeat_interleave(rows)
     return cache
+
+
+def _plain_layers(cache) -> list | None:
+    """The cache's layers when every one is a plain growing layer holding tensors (each row
+    keeps every position, so rows and positions can be copied out), else None (sliding
+    windows keep a suffix)."""
+    layers = getattr(cache, "layers", None)
+    plain = (_dynamic_layer_class(), growing_layer_class())
+    if not layers or any(type(layer) not in plain or getattr(layer, "keys", None) is None for layer in layers):
+        return None
+    return layers
 
 
 def _dynamic_layer_class():
@@ -248,10 +258,8 @@ def growing_layer_class():
 def fork_cache(runner: Runner, cache, rows: torch.Tensor, length: int):
     """A new cache with ``rows`` of ``cache`` and their first ``length`` positions (copies),
     or None when its layers are not plain growing layers (sliding windows keep a suffix)."""
-    layers = getattr(cache, "layers", None)
-    plain = (_dynamic_layer_class(), growing_layer_class())
-    if not layers or any(type(layer) not in plain or getattr(layer, "keys", None) is None
-                         for layer in layers):
+    layers = _plain_layers(cache)
+    if layers is None:
         return None
     new = runner.new_cache()
     for i, layer in enumerate(layers):

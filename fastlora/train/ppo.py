@@ -653,10 +653,7 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
     model_path = resolve_model_path(cfg.model, cfg.cache_dir)
     if reward_dir is not None:
         check_same_base(reward_dir, model_path)
-    need, why = lifecycle.estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
-                                                save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
-                                                copies=len(_trained_roles(cfg)) + 1)
-    lifecycle.preflight(out, need_bytes=need, why=why)
+    lifecycle.preflight_run(out, cfg, model_path, copies=len(_trained_roles(cfg)) + 1)
     tokenizer = load_tokenizer(model_path)
     data = load_prompts(cfg, tokenizer)
     prompts = data["prompts"]

@@ -291,9 +291,7 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = resolve_model_path(cfg.model, cfg.cache_dir)
-    need, why = lifecycle.estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
-                                                save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints)
-    lifecycle.preflight(out, need_bytes=need, why=why)
+    lifecycle.preflight_run(out, cfg, model_path)
     tokenizer = load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id
 

@@ -9,7 +9,7 @@ A trainer adopts it in five calls (``fastlora.train.sft`` is the worked example)
     resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=console.warn)  # RunFinished if done
     if resume_from is not None:
         ckpt.check_resume_config(out, cfg.to_dict())
-    lifecycle.preflight(out, need_bytes=lifecycle.estimate_output_bytes(model_path, ...)[0])  # before loading
+    lifecycle.preflight_run(out, cfg, model_path)  # before loading: writable, and room for what the run writes
     ...
     if resume_from is None:
         ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), ...))    # run.json with input fingerprints
@@ -298,6 +298,14 @@ def estimate_output_bytes(model_path: str | os.PathLike | None, *, lora_r: int, 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def preflight_run(output_dir: str | os.PathLike, cfg, model_path, copies: int = 1) -> None:
+    """:func:`preflight` with the space a trainer's run of ``cfg`` writes (its ``lora_r``,
+    ``target_modules``, ``save_every``, ``keep_checkpoints``; ``copies`` adapters)."""
+    need, why = estimate_output_bytes(model_path, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
+                                      save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints, copies=copies)
+    preflight(output_dir, need_bytes=need, why=why)
 
 
 def preflight(output_dir: str | os.PathLike, *, need_bytes: int = 0, why: str = "") -> None:
