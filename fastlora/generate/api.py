@@ -3,8 +3,9 @@ PPO rollouts and label-restricted prediction.
 
 The model is called as it is at call time: whatever PEFT adapter is active (or none,
 under ``disable_adapter()``) is what generates. The model is put in eval mode and run
-without grad for the call, then restored. bitsandbytes' in-place CPU repack (triggered by
-eval-mode, no-grad forwards of a ``Linear4bit`` on AVX512-BF16 CPUs) is closed first with
+without grad for the call; then every module gets back the train/eval flag it had.
+bitsandbytes' in-place CPU repack (triggered by eval-mode, no-grad forwards of a
+``Linear4bit`` on AVX512-BF16 CPUs) is closed first with
 ``fastlora.patch.protect_bnb_weights``: generating never changes the weights a later
 training step reads.
 """
@@ -86,7 +87,10 @@ def _generation_mode(model) -> Iterator[None]:
     from ..patch import protect_bnb_weights
 
     protect_bnb_weights(model)  # before any eval-mode no-grad forward (see module docstring)
-    was_training = model.training
+    # Each module's own flag, not the wrapper's: a PEFT wrapper reads True while the model
+    # inside is in eval mode, and model.train(True) would then switch every dropout on
+    # for whoever calls the model next (PPO's scoring passes did).
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     hook = _contiguous_head_input(model)
     try:
@@ -95,7 +99,8 @@ def _generation_mode(model) -> Iterator[None]:
     finally:
         if hook is not None:
             hook.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _contiguous_head_input(model):
