@@ -285,7 +285,7 @@ class SharedBase(nn.Module):
 
         config = LoraConfig.from_pretrained(str(path))
         config.inference_mode = False
-        config.modules_to_save = None
+        config.modules_to_save = None  # the file's copies are refused below, not loaded into the base
         config.task_type = "CAUSAL_LM"
         state = load_file(str(weights))
         head = None
@@ -295,6 +295,7 @@ class SharedBase(nn.Module):
             elif state[key].abs().max() > 0:
                 raise ValueError(f"{weights}: the score head has a bias ({key}); fastlora heads have none")
             del state[key]
+        state = lora_entries(self.lm, state, source=str(weights))  # before the model changes
         if self.adapters:
             self.model.add_adapter(name, config)
         else:
@@ -792,10 +793,47 @@ def load_adapter_weights(peft_model, adapter: str, path: Path) -> None:
     _set_adapter_state(peft_model, state, adapter, source=str(weights))
 
 
+def lora_entries(lm: nn.Module, state: dict, *, source: str) -> dict:
+    """The entries of a PEFT adapter state dict that belong to the LoRA adapter itself.
+
+    Any other entry is a weight of the base model (PEFT's ``modules_to_save``, a trained
+    embedding, ``bias="all"`` / ``"lora_only"``), and PEFT would load it, strict=False,
+    into the one frozen base that every role shares: a policy loaded from such a file
+    would silently change the reference, the critic and the reward model too. Such entries
+    are refused, naming them and the file, unless each equals (in the base's dtype) the
+    base tensor it would overwrite: PEFT writes copies of an untouched embedding whenever
+    ``target_modules`` names one (``save_embedding_layers="auto"``); those change nothing
+    and are dropped. ``lm``: the transformers model under the PEFT wrapper.
+    """
+    others = [k for k in state if not any(part.startswith("lora_") for part in k.split("."))]
+    if not others:
+        return state
+    # remove_duplicate=False: a tied head is a name of its own
+    base = dict(lm.named_parameters(remove_duplicate=False))
+    base.update(lm.named_buffers(remove_duplicate=False))
+    changed = []
+    for k in others:
+        # the layer is LoRA-wrapped (".base_layer.") in the file, here, or both
+        plain = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        stem, _, leaf = plain.rpartition(".")
+        t = base.get(plain, base.get(f"{stem}.base_layer.{leaf}"))
+        v = state[k]
+        if (t is None or not t.dtype.is_floating_point or tuple(t.shape) != tuple(v.shape)
+                or not torch.equal(v.to(t.device, t.dtype), t)):
+            changed.append(k)
+    if changed:
+        raise ValueError(f"{source} holds weights of the base model, not of a LoRA adapter: {changed[:8]}"
+                         + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+                         + ". The roles share one frozen base, which an adapter file may not change: save the "
+                           "adapter without modules_to_save, trained embeddings or biases (bias='none')")
+    return {k: v for k, v in state.items() if k not in others}
+
+
 def _set_adapter_state(peft_model, state: dict, adapter: str, *, source: str) -> None:
     """Copy a PEFT adapter state dict into ``adapter``, refusing unknown keys and wrong shapes."""
     from peft.utils import set_peft_model_state_dict
 
+    state = lora_entries(peft_model.get_base_model(), state, source=source)
     own = {n: p for n, p in peft_model.named_parameters() if f".{adapter}." in f".{n}."}
     # shapes first (PEFT would raise a torch size-mismatch error without the file's name)
     for k, v in state.items():
