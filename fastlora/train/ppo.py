@@ -3,8 +3,11 @@
 Each rollout step:
 
 1. **Rollout.** ``fastlora.generate`` samples a response per prompt (k per prompt for
-   GRPO) with the ``policy`` adapter; the untempered fp32 log-probs of the sampled
-   tokens come from the same decode and are PPO's old log-probs (no second pass).
+   GRPO) with the ``policy`` adapter; the fp32 log-probs of the sampled tokens under the
+   distribution sampled from (``log_softmax(logits / temperature)``) come from the same
+   decode and are PPO's old log-probs (no second pass). The reference and training
+   log-probs (and the entropy) use the same temperature, so the ratio and the KL compare
+   like with like; top-k / top-p are refused (see ``PPOConfig``).
 2. **Score.** The ``reward`` role (a ``fastlora rm`` result), a ``module:function``, or
    both weighted; optional clipping and a fixed score for a truncated response.
 3. **Reference and values.** Reference log-probs and the critic's values on the
@@ -129,7 +132,7 @@ class Rollout:
     P: int  # column of the first response token
     tokens: torch.Tensor  # (N, Lr) response tokens (pad past the end)
     mask: torch.Tensor  # (N, Lr) float 0/1: valid response tokens (the stop token included)
-    old_logp: torch.Tensor  # (N, Lr) untempered log-probs from the rollout itself
+    old_logp: torch.Tensor  # (N, Lr) log-probs under the distribution sampled from, from the rollout itself
     prompts: list[str]
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without a stop
@@ -175,16 +178,19 @@ def build_rollout(prompt_ids: list[list[int]], sequences: list[torch.Tensor], lo
     return ids, attn, P, tokens, mask, old
 
 
-def response_logprobs(base, role: str, ro: Rollout, *, entropy: bool = False, hidden: torch.Tensor | None = None):
-    """(N, Lr) log-probs of the response tokens under ``role`` (and entropy), from the
-    hidden states at the response positions only: no logits, no prompt-token work."""
+def response_logprobs(base, role: str, ro: Rollout, *, entropy: bool = False, hidden: torch.Tensor | None = None,
+                      temperature: float = 1.0):
+    """(N, Lr) log-probs of the response tokens under ``role``'s distribution at
+    ``temperature`` (and its entropy), from the hidden states at the response positions
+    only: no logits, no prompt-token work."""
     dev = _device(base)
     ids, attn = ro.input_ids.to(dev), ro.attention_mask.to(dev)
     if hidden is None:
         hidden = base.hidden_states(role, ids, attn)
     P = ro.P
     # columns P-1 .. end: hidden at P-1+j predicts response token j
-    return base.logprobs_from_hidden(hidden[:, P - 1:], ids[:, P - 1:], attn[:, P - 1:], return_entropy=entropy)
+    return base.logprobs_from_hidden(hidden[:, P - 1:], ids[:, P - 1:], attn[:, P - 1:], return_entropy=entropy,
+                                     temperature=temperature)
 
 
 def response_values(base, ro: Rollout, hidden: torch.Tensor) -> torch.Tensor:
@@ -297,6 +303,14 @@ def build_base(cfg: PPOConfig, lm, sft_adapter: Path | None, reward_dir: Path | 
             base.add_role("critic", seed=cfg.seed + 1, trainable=True, head_init_std=0.0, **fresh)
     if reward_dir is not None:  # a `fastlora rm` result: SEQ_CLS adapter + its score head, frozen
         base.add_role("reward", from_pretrained=reward_dir, kind="score", head=True, trainable=False)
+    # Every PPO forward runs with dropout off, the updates' included (eval mode keeps
+    # gradients): the KL, the ratio and the value clipping compare forwards of the same
+    # weights, which dropout would make differ (an SFT adapter's lora_dropout 0.05 gave a
+    # step-0 KL of 0.57 and a first ratio of 0.82), and a reward model must score a
+    # response the same way twice. Eval mode reaches LoRA dropout, attention dropout (read
+    # from module.training) and hidden dropout alike; generate restores each module's own
+    # flag, so the base stays in eval mode for the whole run.
+    base.eval()
     return base
 
 
@@ -359,22 +373,19 @@ def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step:
         attn[i, P - len(p):] = 1
     dev = _device(base)
     stops = sorted(_stop_ids(base.lm, tokenizer))
+    t = cfg.temperature if temperature is None else temperature
     t0 = time.perf_counter()
-    with base.activate("policy") as model:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                res = fastlora.generate(model, input_ids=ids.to(dev), attention_mask=attn.to(dev),
-                                        max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature if temperature is None else temperature,
-                                        top_k=cfg.top_k or None, top_p=cfg.top_p, seed=_seed(cfg, step, 1),
-                                        stop_token_ids=stops, return_logprobs=True)
-        finally:
-            model.train(was)
+    with base.activate("policy") as model, torch.no_grad():
+        res = fastlora.generate(model, input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                                max_new_tokens=cfg.max_new_tokens, temperature=t, top_k=cfg.top_k or None,
+                                top_p=cfg.top_p, seed=_seed(cfg, step, 1), stop_token_ids=stops,
+                                return_logprobs=True)
     gen_s = time.perf_counter() - t0
     seqs = [s.detach().cpu() for s in res.sequences]
-    full_ids, full_attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, list(res.logprobs), pad)
+    # the distribution sampled from (temperature T: log_softmax(logits / T), PPOConfig
+    # refuses top-k/top-p); a greedy rollout is only scored, its log-probs unused
+    logprobs = res.sampling_logprobs if t > 0 else res.logprobs
+    full_ids, full_attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, list(logprobs), pad)
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
     truncated = torch.tensor([r == "length" for r in res.finish_reasons])
     keys = sorted({k for it in items for k in it.columns})
@@ -433,7 +444,7 @@ def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta:
     mask = ro.mask.to(dev)
     old = ro.old_logp.to(dev)
     with torch.no_grad():
-        ref = response_logprobs(base, "reference", ro)
+        ref = response_logprobs(base, "reference", ro, temperature=cfg.temperature)
         kl = rl.kl_penalty(old, ref, cfg.kl_kind)
         seq_kl = rl.masked_sum(kl, mask, dim=1)  # (N,) KL of each response
         stats = {"kl": float(seq_kl.mean()), "score": float(scores.mean()),
@@ -469,7 +480,7 @@ def micro_loss(base, cfg: PPOConfig, b: Batch, idx: list[int], beta: float) -> t
     mask = ro.mask.to(dev)
     ids, attn = ro.input_ids.to(dev), ro.attention_mask.to(dev)
     h = base.hidden_states("policy", ids, attn)
-    logp, ent = response_logprobs(base, "policy", ro, entropy=True, hidden=h)
+    logp, ent = response_logprobs(base, "policy", ro, entropy=True, hidden=h, temperature=cfg.temperature)
     pl, pst = rl.policy_loss(logp, ro.old_logp.to(dev), b.advantages[t], mask, clip=cfg.clip)
     ent_mean = rl.entropy_bonus(ent, mask)
     loss = pl - cfg.ent_coef * ent_mean if cfg.ent_coef else pl

@@ -59,9 +59,9 @@ class PPOConfig:
     # --- rollouts ---
     batch_size: int | None = None  # prompts per rollout (x group_size for grpo); None: by task
     max_new_tokens: int = 12
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = 1.0  # applied to the old, reference and training log-probs alike
+    top_p: float = 1.0  # must stay 1 (PPO refuses nucleus sampling: see __post_init__)
+    top_k: int = 0  # must stay 0 (PPO refuses top-k sampling: see __post_init__)
 
     # --- PPO ---
     advantage: str = "gae"  # gae (critic) | grpo (group z-scores, no critic)
@@ -132,6 +132,18 @@ class PPOConfig:
             raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # PPO's ratio and KL need the log-prob of each sampled token under the distribution
+        # it was sampled from, recomputed for the current policy and the reference. Under
+        # top-k / top-p that distribution's support depends on the weights being trained: a
+        # sampled token can fall outside the current policy's (or the reference's) kept set,
+        # making its log-prob -inf and the ratio 0 or the KL infinite. Temperature has no
+        # such problem and is applied to every log-prob (see fastlora/train/ppo.py).
+        if self.top_k != 0:
+            raise ValueError(f"top_k={self.top_k} is not supported by PPO: the log-probs of a top-k filtered "
+                             "distribution are -inf outside its moving support; use temperature (top_k 0)")
+        if self.top_p != 1.0:
+            raise ValueError(f"top_p={self.top_p} is not supported by PPO: the log-probs of a nucleus-filtered "
+                             "distribution are -inf outside its moving support; use temperature (top_p 1)")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.kl_target is not None and not self.kl_target > 0:
