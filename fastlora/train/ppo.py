@@ -24,8 +24,13 @@ Each rollout step:
 (see ``fastlora/train/merge.py``), so "all adapters off" would not be the SFT model. The
 SFT adapter is therefore loaded three times on the one base: ``reference`` (frozen),
 ``policy`` and ``critic`` (trainable copies). At step 0 the policy and the reference are
-the same weights, so the KL is exactly 0 (tested). Without an SFT adapter the policy
-and critic start as fresh LoRA adapters and the reference is the base with adapters off.
+the same weights, so their log-probs from one full forward are bit-identical (tested).
+The logged KL compares the rollout's old log-probs (the decode, token by token against a
+KV cache) with the reference's full forward: at step 0 it is 0 up to the rounding between
+those two paths (measured in the README), and so is the first mini-batch's ratio - 1.
+Every forward runs with dropout off (see :func:`build_base`). Without an SFT adapter the
+policy and critic start as fresh LoRA adapters and the reference is the base with
+adapters off.
 
 Reproducibility: every random choice (prompt order, sampling, mini-batch order) comes
 from generators seeded by (seed, step), so a resumed run continues with the same
@@ -283,7 +288,7 @@ def chat_turn_tail(tokenizer) -> str:
 
 # ------------------------------------------------------------------------ the model
 def build_base(cfg: PPOConfig, lm, sft_adapter: Path | None, reward_dir: Path | None):
-    """The shared base with the roles this run needs (see the module docstring)."""
+    """The shared base with the roles this run needs (see the module docstring), in eval mode."""
     from fastlora.rl.base import SharedBase
 
     base = SharedBase.from_model(lm, patch=cfg.patch)

@@ -14,7 +14,9 @@ adapter with lora_dropout 0.05 and a reward model with lora_dropout 0.1:
 
 "KL 0" here is up to the one difference between the paths: the old log-probs come from
 the decode (KV cache, one token at a time), the reference from a full forward; in fp32
-they differ by rounding only (measured on this model: below 1e-6 per token).
+they differ by rounding only (measured on this model at T 1 and 0.7: at most 1.1e-5 per
+token, 1.4e-6 per response, ratio - 1 at most 2.4e-7; with the dropout on, as before the
+fix: a KL of 3.5 to 6.3 per response and a clip fraction of 0.22 to 0.44).
 """
 from __future__ import annotations
 
