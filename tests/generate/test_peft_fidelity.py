@@ -166,10 +166,14 @@ def test_disabled_prompt_learning_adapter_answers_as_the_base(dirs, method):
 def _choice_reference(model, prompts, choices, tok):
     """float64 log-probs of each choice after each prompt, summed over its tokens, from one
     forward of the adapted model over prompt + choice; and their softmax over the choices."""
-    logp = torch.zeros((len(prompts), len(choices)), dtype=torch.float64)
+    return _choice_reference_ids(model, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts], choices,
+                                 tok)
+
+
+def _choice_reference_ids(model, heads, choices, tok):
+    logp = torch.zeros((len(heads), len(choices)), dtype=torch.float64)
     with torch.no_grad():
-        for i, p in enumerate(prompts):
-            head = tok(p, add_special_tokens=False)["input_ids"]
+        for i, head in enumerate(heads):
             for j, c in enumerate(choices):
                 tail = tok(c, add_special_tokens=False)["input_ids"]
                 ids = torch.tensor([head + tail])
@@ -253,3 +257,33 @@ def test_unsupported_adapter_is_refused_by_name(dirs):
     lora.peft_config["default"].alora_invocation_tokens = [5]
     with pytest.raises(ValueError, match="activated LoRA"):
         fastlora.generate(lora, input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
+def test_predict_command_probabilities(dirs, tmp_path, capsys, method):
+    """`fastlora predict --adapter DIR --choices ...` on a saved adapter: its probabilities
+    (printed to 4 decimals) are the softmax of PEFT's forward's summed choice log-probs."""
+    import shutil
+
+    from fastlora.generate.commands import GenerateConfig, run_predict
+
+    tok = tiny.tokenizer()
+    model_dir = tmp_path / "model"
+    shutil.copytree(dirs["llama"], model_dir)
+    tok.save_pretrained(model_dir)
+    model, _ = build(dirs, method)
+    pm.save_trainable(model, tmp_path / "adapter")
+    prompts = ["is it urgent?", "refill my prescription please", "book"]
+    choices = ["yes", "no", "maybe"]
+    rows = run_predict(GenerateConfig(prompts=prompts, model=str(model_dir), adapter=str(tmp_path / "adapter"),
+                                      choices=choices, raw=True, json=True, device="cpu"))
+    capsys.readouterr()
+    # raw prompts are tokenized with the tokenizer's special tokens, as the command does
+    heads = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    ref = pm.load_trainable(tiny.load_4bit(model_dir), tmp_path / "adapter").eval()
+    _, want = _choice_reference_ids(ref, heads, choices, tok)
+    _, base = _choice_reference_ids(tiny.load_4bit(model_dir).eval(), heads, choices, tok)
+    tol = 6e-5  # printed with 4 decimals
+    assert (want - base).abs().max() > 3 * tol, method  # the adapter matters at the printed precision
+    got = torch.tensor([[r["probabilities"][c] for c in choices] for r in rows], dtype=torch.float64)
+    assert_close(got, want, rtol=0, atol=tol, msg=method)
