@@ -66,11 +66,13 @@ def eval_loss_sums(model, examples: Sequence[dict], *, pad_token_id: int, batch_
     that add up across shards (``(0.0, 0)`` for none)."""
     device = model_device(model)
     total, count = 0.0, 0
-    from ..generate.decode import Runner
+    from ..generate.decode import Runner, unsupported_adapter
 
     # Longest first keeps padding low; the result does not depend on the order.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    runner = Runner(model)  # one per call: batches sharing a system prompt run it once
+    # one per call: batches sharing a system prompt run it once; None: an adapter only
+    # PEFT's own forward runs (every batch then goes through it)
+    runner = None if unsupported_adapter(model) else Runner(model)
     with _eval_mode(model):
         for s in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[s : s + batch_size]], pad_token_id)
@@ -102,7 +104,8 @@ def _batch_loss(model, runner, batch: dict) -> torch.Tensor:
     from ..patch.head import fused_loss
     from .distributed import is_fully_sharded
 
-    if is_fully_sharded(model) or "attention_mask" not in batch or _virtual_targets(runner, batch["labels"]):
+    if (runner is None or is_fully_sharded(model) or "attention_mask" not in batch
+            or _virtual_targets(runner, batch["labels"])):
         return model(**batch, use_cache=False).loss
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     B, T = ids.shape
@@ -125,7 +128,7 @@ def _virtual_targets(runner, labels: torch.Tensor) -> int:
     ``n`` ignored labels for its virtual tokens, so the last virtual token's logits
     predict each row's first label (``labels[:, 0]``), which a plain causal LM never
     predicts. 0 for every other model."""
-    if runner.virtual is None or runner.virtual.kind != "embeddings":
+    if runner is None or runner.virtual is None or runner.virtual.kind != "embeddings":
         return 0
     return int((labels[:, 0] != IGNORE_INDEX).sum())
 
