@@ -2,10 +2,13 @@
 PPO rollouts and label-restricted prediction.
 
 The model is called as it is at call time: whatever PEFT adapter is active (or none,
-under ``disable_adapter()``) is what generates. The model is put in eval mode and run
-without grad for the call; then every module gets back the train/eval flag it had.
-bitsandbytes' in-place CPU repack (triggered by eval-mode, no-grad forwards of a
-``Linear4bit`` on AVX512-BF16 CPUs) is closed first with
+under ``disable_adapter()``) is what generates, prompt-learning adapters included (their
+virtual tokens or prefix come before every row: ``decode.VirtualPrefix``); an adapter kind
+that the engine cannot run faithfully is refused with its name, never run as the base
+model (``decode.unsupported_adapter``). The model is put in eval mode and run without grad
+for the call; then every module gets back the train/eval flag it had. bitsandbytes'
+in-place CPU repack (triggered by eval-mode, no-grad forwards of a ``Linear4bit`` on
+AVX512-BF16 CPUs) is closed first with
 ``fastlora.patch.protect_bnb_weights``: generating never changes the weights a later
 training step reads.
 """
@@ -270,8 +273,9 @@ def generate(
     limits = []
     for i, r in enumerate(rows):
         if ctx is not None and len(r) >= ctx:
+            room = "" if not runner.offset else f", less the adapter's {runner.offset} virtual tokens"
             raise ValueError(f"prompt {i} has {len(r)} tokens but the model's context is {ctx} tokens "
-                             "(max_position_embeddings): no room to generate")
+                             f"(max_position_embeddings{room}): no room to generate")
         limits.append(max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(r)))
     pad_id = _pad_id(runner, tokenizer)
 

@@ -98,17 +98,25 @@ def read_prompts(cfg: GenerateConfig, stdin=None) -> tuple[list, str]:
 
 
 def _adapter_dir(cfg: GenerateConfig) -> Path | None:
+    """The adapter to load: ``--adapter``, else the default run's when it exists. Any
+    ``fastlora sft --peft`` method's: PEFT's directories and our own (bottleneck adapter,
+    BitFit: ``fastlora_peft.json``)."""
+    from ..train.peft_methods import adapter_config_file
+
     if cfg.adapter is not None:
         p = Path(cfg.adapter)
-        if not (p / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {str(p)!r} is not a PEFT adapter directory (no adapter_config.json)")
+        if adapter_config_file(p) is None:
+            raise FileNotFoundError(f"adapter {str(p)!r} is not a PEFT adapter directory (no adapter_config.json) "
+                                    "nor a fastlora one (no fastlora_peft.json)")
         return p
     p = Path(DEFAULT_ADAPTER)
-    return p if (p / "adapter_config.json").is_file() else None
+    return p if adapter_config_file(p) is not None else None
 
 
 def _adapter_base(adapter: Path) -> str | None:
-    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    from ..train.peft_methods import adapter_config_file
+
+    return json.loads(adapter_config_file(adapter).read_text()).get("base_model_name_or_path")
 
 
 def _trained_on(adapter: Path, model_path: Path) -> bool:
@@ -158,10 +166,10 @@ def load_model(cfg: GenerateConfig, log=print):
     log(f"model: {path}")
     model = load_base(path, load_in_4bit=True, dtype=dtype, device=device)
     if adapter is not None:
-        from peft import PeftModel
+        from ..train.peft_methods import load_trainable
 
         try:
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = load_trainable(model, adapter)
         except RuntimeError as e:
             if "size mismatch" not in str(e):
                 raise
@@ -218,7 +226,9 @@ def run_generate(cfg: GenerateConfig, out=None) -> list[dict]:
     tuned = fastlora.generate(model, rendered, **kw).texts
     base = None
     if adapter is not None and cfg.compare:
-        with model.disable_adapter():
+        from ..train.peft_methods import adapter_disabled
+
+        with adapter_disabled(model):
             base = fastlora.generate(model, rendered, **kw).texts
     rows = []
     for i, p in enumerate(prompts):

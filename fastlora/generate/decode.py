@@ -8,6 +8,14 @@ step, and the prefill keeps only the last position's logits (``logits_to_keep=1`
 A row leaves the batch as soon as it finishes (stop token, stop string, its token
 budget): its cache rows are dropped (``Cache.batch_select_indices``) and later steps
 run on the remaining rows only.
+
+Prompt-learning PEFT adapters (prompt tuning, p-tuning, prefix tuning) put ``n`` virtual
+positions before every row; PEFT adds them in ``PeftModel.forward``, which the decode
+loop does not call (it drives the causal LM inside, with its own cache). The
+:class:`Runner` adds them instead, as :class:`VirtualPrefix` describes: every cache it
+makes starts with the virtual positions' keys and values, and every call it makes
+prepends ``n`` ones to the attention mask and shifts the positions by ``n``. Callers
+keep counting only real tokens.
 """
 from __future__ import annotations
 
@@ -20,8 +28,9 @@ from .sampling import SamplingConfig, choose
 
 
 def causal_lm(model):
-    """The transformers causal LM inside ``model`` (a PeftModel runs its injected LoRA
-    layers either way; calling the inner model skips PEFT's per-call wrapper)."""
+    """The transformers causal LM inside ``model`` (a PeftModel runs its injected layers
+    either way; calling the inner model skips PEFT's per-call wrapper, whose only work
+    for a prompt-learning adapter :class:`VirtualPrefix` does instead)."""
     inner = model
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
@@ -29,9 +38,106 @@ def causal_lm(model):
     return inner
 
 
+# PEFT types whose virtual tokens are input embeddings (PeftModelForCausalLM.forward
+# concatenates get_prompt() before the token embeddings), and whose are key/value vectors
+# (it passes get_prompt() as the cache).
+EMBEDDING_PROMPTS = ("PROMPT_TUNING", "P_TUNING")
+KV_PROMPTS = ("PREFIX_TUNING",)
+
+
+def _peft_type(config) -> str:
+    t = getattr(config, "peft_type", None)
+    return str(getattr(t, "value", t))
+
+
+def unsupported_adapter(model) -> str | None:
+    """Why running the causal LM inside ``model`` (what every fastlora generation and
+    scoring path does) would not give ``model``'s own answers, or None when it does."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not callable(getattr(model, "get_base_model", None)):
+        return None  # not a PeftModel (the bottleneck adapter and BitFit live in the model itself)
+    t = _peft_type(config)
+    if getattr(config, "is_prompt_learning", False):
+        if t in EMBEDDING_PROMPTS + KV_PROMPTS:
+            return None
+        return (f"PEFT {t} adds its virtual tokens in PeftModel.forward in its own way "
+                f"(supported prompt-learning methods: prompt tuning, p-tuning, prefix tuning)")
+    if t == "POLY":
+        return "PEFT POLY routes every forward by task_ids, which fastlora.generate does not take"
+    if getattr(config, "alora_invocation_tokens", None):
+        return "activated LoRA (alora_invocation_tokens) turns on per row at its invocation tokens in PEFT's forward"
+    return None
+
+
+class VirtualPrefix:
+    """The virtual positions a prompt-learning PEFT adapter puts before every row, as
+    PEFT 0.21's ``PeftModelForCausalLM.forward`` does it:
+
+    - prompt tuning / p-tuning: ``get_prompt()`` embeddings (the same for every row) are
+      concatenated before the token embeddings, their mask is ones, and the positions
+      count from 0 over them (``position_ids`` are dropped: the model counts them from the
+      cache, so the first real token is at position ``n``);
+    - prefix tuning: ``get_prompt()`` is the cache the model starts from (per-layer keys
+      and values of ``n`` positions), the mask gets ``n`` ones, positions are shifted by
+      ``n`` (``_adjust_prompt_learning_kwargs``).
+
+    Both are a prefix shared by every row, so their keys and values are made once, for
+    one row (:meth:`layers`), and copied into each new cache. Unlike ``PeftModel.generate``
+    with left-padded rows (which drops the positions for prompt tuning, so a padded row's
+    positions count its pads), each row gets the positions it has alone, as in PEFT's
+    training forward. (PEFT 0.21's ``generate`` on transformers 5 also loses the prefix of
+    prefix tuning, and re-adds the virtual tokens at every decode step of prompt tuning:
+    its ``prepare_inputs_for_generation`` looks for ``past_key_values``, which
+    transformers 5 passes as ``cache``. The reference for fidelity is therefore PEFT's
+    forward, and ``PeftModel.generate(..., use_cache=False)``, which runs it.)
+    """
+
+    def __init__(self, model, lm, kind: str, n: int):
+        self.model, self.lm, self.kind, self.n = model, lm, kind, n
+        self._layers: list | None = None
+
+    @classmethod
+    def of(cls, model, lm) -> "VirtualPrefix | None":
+        why = unsupported_adapter(model)
+        if why is not None:
+            raise ValueError(f"fastlora cannot generate with this adapter: {why}. Running the model without it "
+                             "would answer as the base model; merge it, or use PeftModel.generate")
+        config = getattr(model, "active_peft_config", None)
+        if not getattr(config, "is_prompt_learning", False) or getattr(model, "_adapters_disabled", False):
+            # ``_adapters_disabled``: PEFT's ``disable_adapter()`` for prompt learning swaps
+            # the instance's forward and sets only this flag; the base model's answer is asked
+            return None
+        kind = "embeddings" if _peft_type(config) in EMBEDDING_PROMPTS else "kv"
+        return cls(model, lm, kind, int(config.num_virtual_tokens))
+
+    def layers(self, runner: "Runner") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) ``(1, heads, n, head_dim)`` of the virtual positions."""
+        if self._layers is None:
+            if self.kind == "kv":
+                cache = self.model.get_prompt(batch_size=1)
+            else:
+                emb = self.model.get_prompt(batch_size=1)  # (1, n, hidden)
+                emb = emb.to(self.lm.get_input_embeddings().weight.dtype)
+                cache = runner.empty_cache()
+                mask = torch.ones((1, self.n), dtype=torch.long, device=emb.device)
+                kw = {"inputs_embeds": emb, "attention_mask": mask, "position_ids": prompt_positions(mask),
+                      runner.cache_kw: cache, "use_cache": True}
+                if runner.keep_kw is not None:
+                    kw[runner.keep_kw] = 1
+                self.lm(**kw)
+            got = [(layer.keys, layer.values) for layer in getattr(cache, "layers", None) or []]
+            if not got or any(k is None or k.dim() != 4 or k.shape[-2] != self.n for k, _ in got):
+                raise ValueError(f"prompt learning on model_type {getattr(self.lm.config, 'model_type', None)!r}: "
+                                 "its virtual positions do not come back as one (keys, values) of "
+                                 f"{self.n} positions per layer, which fastlora's cache needs")
+            self._layers = [(k.detach().clone(), v.detach().clone()) for k, v in got]
+        return self._layers
+
+
 class Runner:
     """Calls the causal LM for generation: builds the cache, names its keywords right for
-    the installed transformers (``cache=`` in 5.x, ``past_key_values=`` before)."""
+    the installed transformers (``cache=`` in 5.x, ``past_key_values=`` before), and adds
+    a prompt-learning adapter's virtual positions (:class:`VirtualPrefix`)."""
 
     def __init__(self, model):
         self.model = model
@@ -41,10 +147,13 @@ class Runner:
         self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
         self.config = self.lm.config
         self.device = next(p.device for p in self.lm.parameters())
+        self.virtual = VirtualPrefix.of(model, self.lm)
+        # positions before every row's first token (a prompt-learning adapter's virtual tokens)
+        self.offset = 0 if self.virtual is None else self.virtual.n
         # shared prefixes already run in this call: tokens -> per-layer (keys, values) of one row
         self.prefix_memo: dict[tuple, list] = {}
 
-    def new_cache(self):
+    def empty_cache(self):
         """transformers' DynamicCache, its plain growing layers swapped for :func:`growing_layer_class`'s."""
         from transformers import DynamicCache
 
@@ -62,19 +171,42 @@ class Runner:
                 cache.layer_class_to_replicate = growing
         return cache
 
+    def new_cache(self, rows: int = 1):
+        """A cache for ``rows`` rows holding what comes before every row's tokens: nothing,
+        or a prompt-learning adapter's virtual positions."""
+        cache = self.empty_cache()
+        if self.virtual is not None:
+            seed_cache(cache, self.virtual.layers(self), rows)
+        return cache
+
+    def inputs(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache) -> dict:
+        """The causal LM's keyword arguments for ``ids`` ``(B, t)`` with the caller's mask
+        (over real tokens, ``(B, cached + t)``) and positions (real tokens from 0)."""
+        if self.offset:
+            attn = torch.cat([attn.new_ones((attn.shape[0], self.offset)), attn], dim=1)
+            pos = pos + self.offset
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, self.cache_kw: cache,
+                "use_cache": True}
+
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache, keep: int = 1):
         """Logits ``(B, keep, V)`` of the last ``keep`` positions of ``ids`` ``(B, t)``."""
-        kw = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, self.cache_kw: cache,
-              "use_cache": True}
+        kw = self.inputs(ids, attn, pos, cache)
         if self.keep_kw is not None:
             kw[self.keep_kw] = keep
         out = self.lm(**kw)
         return out.logits[:, -keep:, :]
 
     def context_length(self) -> int | None:
+        """Real tokens a row may hold (the model's context less the virtual positions)."""
         cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         n = getattr(cfg, "max_position_embeddings", None)
-        return int(n) if isinstance(n, int) and n > 0 else None
+        return int(n) - self.offset if isinstance(n, int) and n > 0 else None
+
+
+def seed_cache(cache, layers: list, rows: int) -> None:
+    """Append per-layer (keys, values) of one row to an empty ``cache``, for ``rows`` rows."""
+    for i, (k, v) in enumerate(layers):
+        cache.update(k.expand(rows, *k.shape[1:]).contiguous(), v.expand(rows, *v.shape[1:]).contiguous(), i)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +265,16 @@ def prefill(runner: Runner, rows: list[list[int]], pad_id: int, share_prefix: bo
     for every row, and the rest of each row follows it left-padded: ``[prefix | pad |
     own tokens]``. Positions still count real tokens only (``cumsum(mask) - 1``), so each
     row sees exactly the tokens and positions it would see alone; only the order of some
-    float sums differs (a batch of 1 instead of B in the prefix's matmuls).
+    float sums differs (a batch of 1 instead of B in the prefix's matmuls). The mask and
+    positions returned count real tokens only; the cache also holds the virtual positions
+    of a prompt-learning adapter before them (``runner.offset``).
     """
     dev = runner.device
     B = len(rows)
     P = shared_prefix_length(rows) if share_prefix else 0
     P = min(P, min(len(r) for r in rows) - keep)
     if P < MIN_SHARED_PREFIX:
-        cache = runner.new_cache()
+        cache = runner.new_cache(B)
         ids, attn = left_pad(rows, pad_id, dev)
         pos = prompt_positions(attn)
         logits = runner(ids, attn, pos, cache, keep=keep)
@@ -159,19 +293,19 @@ def prefix_cache(runner: Runner, prefix: list[int], rows: int):
     rows. The prefix runs once for one row; the runner remembers its keys and values, so
     the next batch of the same call that shares it (every batch of an evaluation shares
     its system prompt) copies them instead of running it again."""
-    cache = runner.new_cache()
     key = tuple(prefix)
     saved = runner.prefix_memo.get(key)
     if saved is None:
+        cache = runner.new_cache(1)
         head = torch.tensor([prefix], dtype=torch.long, device=runner.device)
         mask = torch.ones_like(head)
         runner(head, mask, prompt_positions(mask), cache, keep=1)
         layers = _plain_layers(cache)
-        if layers is not None:
+        if layers is not None:  # (with the virtual positions before the prefix, if any)
             runner.prefix_memo[key] = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
     else:
-        for i, (k, v) in enumerate(saved):
-            cache.update(k, v, i)
+        cache = runner.empty_cache()
+        seed_cache(cache, saved, 1)
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -256,12 +390,14 @@ def growing_layer_class():
 
 
 def fork_cache(runner: Runner, cache, rows: torch.Tensor, length: int):
-    """A new cache with ``rows`` of ``cache`` and their first ``length`` positions (copies),
-    or None when its layers are not plain growing layers (sliding windows keep a suffix)."""
+    """A new cache with ``rows`` of ``cache`` and their first ``length`` real positions
+    (copies; the virtual positions before them come along), or None when its layers are
+    not plain growing layers (sliding windows keep a suffix)."""
     layers = _plain_layers(cache)
     if layers is None:
         return None
-    new = runner.new_cache()
+    length += runner.offset
+    new = runner.empty_cache()
     for i, layer in enumerate(layers):
         new.update(layer.keys[rows, :, :length].contiguous(), layer.values[rows, :, :length].contiguous(), i)
     return new

@@ -13,12 +13,15 @@ sliding-window layers (a cache of a different length per layer) use the dynamic 
 
 The same class runs eagerly (``use_graph=False``) on any device, which is how CPU-only
 CI tests everything here except the capture itself.
+
+A prompt-learning adapter's virtual positions (:class:`fastlora.generate.decode.VirtualPrefix`)
+take the first ``n`` slots of every row: written once before the prefill, always visible.
 """
 from __future__ import annotations
 
 import torch
 
-from .decode import Runner, left_pad, prompt_positions
+from .decode import Runner, left_pad, prompt_positions, seed_cache
 
 
 def supports_static(runner: Runner) -> str | None:
@@ -48,18 +51,23 @@ class StaticDecoder:
         dev = runner.device
         ids, attn = left_pad(rows, pad_id, dev)  # (B, T)
         B, T = ids.shape
-        self.B, self.T = B, T
-        self.max_len = T + max_new_tokens
+        n = runner.offset  # virtual positions before every row (slots 0..n-1)
+        self.B, self.T, self.n = B, T, n
+        self.max_len = n + T + max_new_tokens
         self.cache = StaticCache(config=runner.config, max_cache_len=self.max_len)
+        if runner.virtual is not None:
+            seed_cache(self.cache, runner.virtual.layers(runner), B)
         dtype = next(p.dtype for p in runner.lm.parameters() if p.is_floating_point())
         self.dtype = dtype if dtype.is_floating_point else torch.float32
-        # keep[b, j]: row b attends to cache slot j (its real prompt tokens, then its new ones)
+        # keep[b, j]: row b attends to cache slot j (the virtual positions, its real prompt
+        # tokens, then its new ones)
         self.keep = torch.zeros((B, self.max_len), dtype=torch.bool, device=dev)
-        self.keep[:, :T] = attn.bool()
-        pos = prompt_positions(attn)
+        self.keep[:, :n] = True
+        self.keep[:, n: n + T] = attn.bool()
+        pos = prompt_positions(attn) + n
         self.step_ids = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.step_pos = pos[:, -1:] + 1  # (B, 1), advanced in place
-        self.slot = torch.tensor(T, device=dev)  # cache slot of the next token
+        self.slot = torch.tensor(n + T, device=dev)  # cache slot of the next token
         self.mask = torch.empty((B, 1, 1, self.max_len), dtype=self.dtype, device=dev)
         self.prefill_logits = self._forward(ids, self._prefill_mask(attn), pos)[:, -1]
         self.use_graph = use_graph and dev.type == "cuda"
@@ -73,7 +81,8 @@ class StaticDecoder:
 
     def _prefill_mask(self, attn: torch.Tensor) -> torch.Tensor:
         B, T = attn.shape
-        causal = torch.ones((T, self.max_len), dtype=torch.bool, device=attn.device).tril()  # (T, L)
+        # prompt token t sits in slot n + t and sees slots 0..n+t
+        causal = torch.ones((T, self.max_len), dtype=torch.bool, device=attn.device).tril(self.n)  # (T, L)
         allowed = causal[None] & self.keep[:, None, :]  # (B, T, L)
         return self._additive(allowed)[:, None]  # (B, 1, T, L)
 

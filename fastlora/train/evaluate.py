@@ -66,15 +66,17 @@ def eval_loss_sums(model, examples: Sequence[dict], *, pad_token_id: int, batch_
     that add up across shards (``(0.0, 0)`` for none)."""
     device = model_device(model)
     total, count = 0.0, 0
-    from ..generate.decode import Runner
+    from ..generate.decode import Runner, unsupported_adapter
 
     # Longest first keeps padding low; the result does not depend on the order.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    runner = Runner(model)  # one per call: batches sharing a system prompt run it once
+    # one per call: batches sharing a system prompt run it once; None: an adapter only
+    # PEFT's own forward runs (every batch then goes through it)
+    runner = None if unsupported_adapter(model) else Runner(model)
     with _eval_mode(model):
         for s in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[s : s + batch_size]], pad_token_id)
-            n = trained_tokens(batch["labels"])
+            n = trained_tokens(batch["labels"]) + _virtual_targets(runner, batch["labels"])
             if n == 0:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -92,28 +94,43 @@ def _batch_loss(model, runner, batch: dict) -> torch.Tensor:
     - Leading tokens every row shares (a system prompt) whose targets are not trained run
       once for one row; the rows continue from a copy of that cache. Each row still sees
       its own tokens at its own positions; only the order of some float sums differs.
-    Prompt-learning PEFT models (virtual tokens added by PeftModel's own forward), FSDP2
-    (its root forward gathers the weights) and packed rows run ``model`` as it is.
+    A prompt-learning adapter's virtual positions come first in every cache
+    (``decode.VirtualPrefix``, what PEFT's forward prepends). FSDP2 (its root forward
+    gathers the weights), packed rows, and prompt tuning where a row's first token is
+    trained (PEFT's forward predicts it from the last virtual token, whose logits the
+    cached path does not compute) run ``model`` as it is.
     """
     from ..generate.decode import MIN_SHARED_PREFIX, prefix_cache
     from ..patch.head import fused_loss
     from .distributed import is_fully_sharded
 
-    cfg = getattr(model, "active_peft_config", None)
-    if getattr(cfg, "is_prompt_learning", False) or is_fully_sharded(model) or "attention_mask" not in batch:
+    if (runner is None or is_fully_sharded(model) or "attention_mask" not in batch
+            or _virtual_targets(runner, batch["labels"])):
         return model(**batch, use_cache=False).loss
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    B, T = ids.shape
     P = _untrained_shared_prefix(ids, mask, labels)
-    if P < MIN_SHARED_PREFIX:
+    if P < MIN_SHARED_PREFIX and runner.virtual is None:
         args = {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
     else:
-        cache = prefix_cache(runner, ids[0, :P].tolist(), ids.shape[0])
+        P = P if P >= MIN_SHARED_PREFIX else 0
+        cache = prefix_cache(runner, ids[0, :P].tolist(), B) if P else runner.new_cache(B)
         # right-padded rows: their own tokens sit at positions P, P+1, ... (pads are masked)
-        pos = torch.arange(P, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        args = {"input_ids": ids[:, P:], "attention_mask": mask, "position_ids": pos, runner.cache_kw: cache,
-                "use_cache": True, "labels": labels[:, P:]}
+        pos = torch.arange(P, T, device=ids.device).expand(B, -1)
+        args = runner.inputs(ids[:, P:], mask, pos, cache)
+        args["labels"] = labels[:, P:]
     fused = fused_loss(runner.lm, **args)
     return fused[0] if fused is not None else runner.lm(**args).loss
+
+
+def _virtual_targets(runner, labels: torch.Tensor) -> int:
+    """Trained tokens that only a prompt-tuning adapter's forward predicts: PEFT prepends
+    ``n`` ignored labels for its virtual tokens, so the last virtual token's logits
+    predict each row's first label (``labels[:, 0]``), which a plain causal LM never
+    predicts. 0 for every other model."""
+    if runner is None or runner.virtual is None or runner.virtual.kind != "embeddings":
+        return 0
+    return int((labels[:, 0] != IGNORE_INDEX).sum())
 
 
 def _untrained_shared_prefix(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> int:
@@ -171,6 +188,11 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     if is_fully_sharded(model):
         # fastlora.generate drives the decoder and head itself; under FSDP2 only the root
         # forward's hooks gather the root's shards (the embeddings), so go through it.
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            # PEFT 0.21's generate loses or repeats the virtual tokens on transformers 5
+            # (see fastlora.generate.decode.VirtualPrefix): refuse rather than score that
+            raise ValueError(f"evaluating a {model.active_peft_config.peft_type} adapter under FSDP is not "
+                             "supported: its generation would drop the virtual tokens; evaluate it unsharded")
         return _hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             special_tokens=special_tokens)
     eos = tokenizer.eos_token_id

@@ -165,20 +165,44 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+ALL_LINEAR = "all-linear"
+
+
+def normalize_target_modules(target_modules):
+    """``'all-linear'`` (every linear layer but the output head) or a list of module names.
+
+    ``'all-linear'`` is a keyword only as a string: PEFT reads a list ``['all-linear']``
+    as a module literally named so. Configs that allow a list or a string turn a lone
+    string into a one-element list (``config._coerce``, the nested SFT of ``fastlora
+    ppo``), so a list that holds only the keyword means the keyword; the keyword next to
+    module names is ambiguous and refused."""
+    if isinstance(target_modules, (list, tuple)):
+        names = [str(t) for t in target_modules]
+        if ALL_LINEAR in names:
+            if len(names) > 1:
+                raise ValueError(f"target_modules {names} mixes '{ALL_LINEAR}' (every linear layer) with module "
+                                 f"names; give either '{ALL_LINEAR}' alone or only module names")
+            return ALL_LINEAR
+        return names
+    return target_modules
+
+
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool = False,
              use_dora: bool = False):
     """Wrap ``model`` in PEFT LoRA. Named target modules that match no layer raise a
     ValueError listing the linear layer names that do exist."""
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(target_modules, (list, tuple)):
+    target_modules = normalize_target_modules(target_modules)
+    if isinstance(target_modules, list):
         available = set(linear_module_names(model))
         all_names = {full.rsplit(".", 1)[-1] for full, _ in model.named_modules() if full}
         unmatched = [t for t in target_modules if t not in all_names]
         if unmatched:
             raise ValueError(
-                f"LoRA target modules {unmatched} match no module of this model; "
-                f"its linear layers are named {sorted(available - {'lm_head'})} (or use 'all-linear')"
+                f"LoRA target modules {unmatched} match no module of this model; its linear layers are named "
+                f"{sorted(available - {'lm_head'})}. Name some of them, or pass target_modules='{ALL_LINEAR}' "
+                "to target every one"
             )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

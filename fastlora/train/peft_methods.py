@@ -38,10 +38,11 @@ LoRA-delta merge, so rather than write a model that silently lacks them we refus
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,6 +71,7 @@ ADAPTER_TARGETS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj",
 CONFIG_FILE = "fastlora_peft.json"
 WEIGHTS_FILE = "fastlora_peft.safetensors"
 _ATTR = "_fastlora_peft"  # instance attribute of a model carrying an own method
+_BASE_BIASES = "_fastlora_peft_base_biases"  # BitFit: the base model's own biases
 
 
 def check_method(method: str) -> str:
@@ -91,6 +93,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, base: nn.Module, features: int, dim: int):
         super().__init__()
         self.base = base
+        self.enabled = True  # False: the base layer's output (adapter_disabled)
         self.down = nn.Linear(features, dim)
         self.up = nn.Linear(dim, features)
         nn.init.normal_(self.down.weight, std=features ** -0.5)
@@ -100,6 +103,8 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
+        if not self.enabled:
+            return y
         h = y.to(self.down.weight.dtype)
         return y + self.up(nn.functional.gelu(self.down(h))).to(y.dtype)
 
@@ -178,6 +183,7 @@ def add_peft(model, method: str = "lora", *, r: int = 16, alpha: int = 32, dropo
         targets = _insert_adapters(model, adapter_dim)
         config = {"method": "adapter", "adapter_dim": adapter_dim, "targets": targets}
     else:  # bitfit on a model with biases
+        _keep_base_biases(model, names)
         for n, p in model.named_parameters():
             if n in set(names):
                 p.requires_grad_(True)
@@ -310,6 +316,8 @@ def load_trainable(model, directory: str | os.PathLike, *, is_trainable: bool = 
     missing = sorted(set(state) - set(params))
     if missing:
         raise ValueError(f"{d / WEIGHTS_FILE} does not fit this model: no parameter named {missing[:3]}")
+    if config.get("method") == "bitfit":
+        _keep_base_biases(model, sorted(state))
     with torch.no_grad():
         for n, t in state.items():
             if params[n].shape != t.shape:
@@ -319,6 +327,79 @@ def load_trainable(model, directory: str | os.PathLike, *, is_trainable: bool = 
             params[n].requires_grad_(is_trainable)
     model.__dict__[_ATTR] = config
     return model
+
+
+def _keep_base_biases(model, names) -> None:
+    # BitFit overwrites the base's own biases: keep them, so that adapter_disabled can
+    # answer as the base model (biases are a few thousand numbers)
+    params = dict(model.named_parameters())
+    model.__dict__[_BASE_BIASES] = {n: params[n].detach().clone() for n in names}
+
+
+def adapter_config_file(directory: str | os.PathLike) -> Path | None:
+    """The adapter dir's config: PEFT's ``adapter_config.json`` or our ``fastlora_peft.json``
+    (bottleneck adapter, BitFit); None when ``directory`` holds neither."""
+    for name in ("adapter_config.json", CONFIG_FILE):
+        f = Path(directory) / name
+        if f.is_file():
+            return f
+    return None
+
+
+def require_lora_adapter(directory: str | os.PathLike, what: str) -> Path:
+    """``directory`` when it holds a PEFT LoRA (or DoRA) adapter; else a ValueError naming
+    the method it holds. The RL trainers' shared base loads LoRA only, and reading another
+    method's ``adapter_config.json`` as a LoRA config would start from an empty LoRA: the
+    base model, silently."""
+    d = Path(directory)
+    f = adapter_config_file(d)
+    if f is None:
+        raise FileNotFoundError(f"{what} {str(d)!r} is not an adapter directory (no adapter_config.json)")
+    if f.name == CONFIG_FILE:
+        kind = json.loads(f.read_text()).get("method")
+    else:
+        kind = str(json.loads(f.read_text()).get("peft_type", "LORA")).lower()
+    if kind != "lora":
+        raise ValueError(f"{what} {str(d)!r} holds a {kind} adapter ({f.name}); PPO's policy, reference and "
+                         "critic are LoRA adapters on one shared base, so it needs an SFT run made with "
+                         "--peft lora (or dora)")
+    return d
+
+
+@contextlib.contextmanager
+def adapter_disabled(model) -> Iterator[None]:
+    """Inside the block ``model`` answers as its base model: PEFT's ``disable_adapter()``,
+    the bottleneck adapters switched off, or BitFit's trained biases swapped for the base's."""
+    config = own_method(model)
+    if config is None:
+        with model.disable_adapter():
+            yield
+        return
+    if config["method"] == "adapter":
+        adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+        for m in adapters:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in adapters:
+                m.enabled = True
+        return
+    base = model.__dict__.get(_BASE_BIASES)
+    if base is None:
+        raise ValueError("this BitFit model does not hold its base biases (they were overwritten before "
+                         "fastlora tracked them); load the base model separately to compare")
+    params = dict(model.named_parameters())
+    trained = {n: params[n].detach().clone() for n in base}
+    with torch.no_grad():
+        for n, t in base.items():
+            params[n].copy_(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in trained.items():
+                params[n].copy_(t)
 
 
 def load_trainable_state(model, directory: str | os.PathLike) -> None:

@@ -568,25 +568,31 @@ def check_same_base(reward_dir: Path, model_path: Path) -> None:
                          f"but the policy's base is {str(model_path)!r}: the roles must share one base")
 
 
-def resolve_sft_adapter(cfg: PPOConfig, log) -> Path | None:
+def resolve_sft_adapter(cfg: PPOConfig, log, sft_options: dict | None = None) -> Path | None:
     """The SFT adapter the policy starts from; for the embedded task, the default SFT
-    run's (trained first when absent)."""
+    run's (trained first when absent; ``sft_options`` replace its defaults, e.g. a short
+    run in tests)."""
+    from .peft_methods import adapter_config_file, require_lora_adapter
+
     if cfg.sft_adapter is not None:
         p = Path(cfg.sft_adapter)
         if not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"sft_adapter {str(p)!r} is not a PEFT adapter dir (no adapter_config.json)")
-        return p
+        return require_lora_adapter(p, "sft_adapter")
     if cfg.data is not None:
         return None
     p = Path(cfg.sft_output_dir) / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
+    if adapter_config_file(p) is not None:
+        return require_lora_adapter(p, "the SFT adapter")
     log(f"no SFT adapter at {p}: running the default SFT first (fastlora sft --output-dir {cfg.sft_output_dir})")
     from .config import SFTConfig
     from .sft import sft
 
+    # the whole config in one constructor: sft(config, **overrides) rebuilds it through
+    # SFTConfig.from_dict, which turned target_modules 'all-linear' into ['all-linear']
     sft(SFTConfig(model=cfg.model, cache_dir=cfg.cache_dir, output_dir=cfg.sft_output_dir, progress=cfg.progress,
-                  device=cfg.device, seed=cfg.seed), resume=ckpt.latest_checkpoint(cfg.sft_output_dir) is not None)
+                  device=cfg.device, seed=cfg.seed,
+                  resume=ckpt.latest_checkpoint(cfg.sft_output_dir) is not None, **(sft_options or {})))
     return p
 
 

@@ -119,8 +119,9 @@ def test_untrained_shared_prefix_rules():
 
 
 def test_eval_loss_keeps_the_mode_and_prompt_learning_forward(tiny_model_dir, smollm_tokenizer):
-    """eval_loss leaves the model in the mode it found it in, and a prompt-learning model
-    (virtual tokens from PeftModel's forward) runs its own forward."""
+    """eval_loss leaves the model in the mode it found it in, and a prompt-learning model's
+    loss is its PeftModel forward's (virtual tokens first; eval_loss puts them in the cache,
+    so the loss, which transformers reduces in float32, agrees to float32 rounding)."""
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -144,5 +145,5 @@ def test_eval_loss_keeps_the_mode_and_prompt_learning_forward(tiny_model_dir, sm
             n = ev.trained_tokens(b["labels"])
             tot += float(model(**b).loss) * n
             cnt += n
-    assert got == pytest.approx(tot / cnt, rel=1e-12)
+    assert got == pytest.approx(tot / cnt, rel=1e-6)
     assert json.dumps(got)  # a plain float
