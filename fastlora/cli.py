@@ -365,7 +365,8 @@ def _cmd_rlhf(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+    with _launched_by_torchrun():
+        rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
     return 0
 
 

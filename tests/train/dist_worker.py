@@ -5,6 +5,9 @@ tests/train/test_distributed.py: ``python -m torch.distributed.run --standalone
 SPEC is a list of scenarios run in order in the same process group:
 
 * ``{"cfg": {...}}``: ``fastlora.train.sft`` with these SFTConfig options;
+  ``{"trainer": "rm", "cfg": {...}}``: ``fastlora.train.reward`` (RewardConfig);
+  ``{"trainer": "ppo", "cfg": {...}, "fixed_rollouts": true}``: ``fastlora.train.ppo``
+  (PPOConfig), with :func:`fixed_rollout` in place of the sampled rollouts when asked;
 * ``{"cfg": {...}, "die_at": k, "die_rank": r}``: the same, but rank r dies (``os._exit``,
   no cleanup, as a killed process) after optimizer step k; torchrun then ends the others;
 * ``{"step": dir, "out": file}``: one forward/backward of :func:`qlora_step` on the tiny
@@ -59,6 +62,72 @@ def qlora_step(model_dir: str, *, fsdp: bool) -> dict:
     return {"loss": loss, "grads": grads}
 
 
+def fixed_rollout(base, tokenizer, cfg, items, step, temperature=None):
+    """A stand-in for ``ppo.make_rollout`` whose responses depend on the prompt, the sample's
+    place in its group and the step only, never on the batch or the rank: 2 ranks x b
+    prompts and 1 process x 2b then train on the same rollouts (sampled ones differ, since
+    each rank draws its own stream). 1 to max_new_tokens tokens from a hash, ended by the
+    eos token when the hash says so (else truncated); the old log-probs are the policy's
+    own, in eval mode without grad, as the decode gives them."""
+    import zlib
+
+    import torch
+
+    from fastlora.train.ppo import Rollout, build_rollout, response_logprobs
+
+    seqs, truncated, member = [], [], 0
+    for i, it in enumerate(items):
+        member = member + 1 if i and items[i - 1] is it else 0  # a GRPO group repeats one prompt object
+        h = zlib.crc32(f"{it.prompt}|{step}|{member}|{temperature}".encode())
+        n = 1 + h % cfg.max_new_tokens
+        toks = [3 + (h >> (3 * j + 4)) % (len(tokenizer) - 3) for j in range(n)]
+        stopped = n < cfg.max_new_tokens or (h >> 30) & 1
+        if stopped:
+            toks[-1] = tokenizer.eos_token_id
+        seqs.append(torch.tensor(toks))
+        truncated.append(not stopped)
+    prompt_ids = [list(tokenizer(it.prompt, add_special_tokens=it.special_tokens)["input_ids"]) for it in items]
+    ids, attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, [torch.zeros(len(q)) for q in seqs],
+                                                    tokenizer.pad_token_id)
+    keys = sorted({k for it in items for k in it.columns})
+    ro = Rollout(ids, attn, P, tokens, mask, old, [it.prompt for it in items],
+                 [tokenizer.decode(q, skip_special_tokens=True) for q in seqs], torch.tensor(truncated),
+                 {k: [it.columns.get(k) for it in items] for k in keys}, [not it.special_tokens for it in items])
+    was = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            ro.old_logp = (response_logprobs(base, "policy", ro) * ro.mask.to(ids.device)).float().cpu()
+    finally:
+        base.train(was)
+    n_tok = int(mask.sum())
+    return ro, {"generate_seconds": 0.0, "rollout_tokens": n_tok, "rollout_tokens_per_second": None,
+                "prompts_truncated": 0}
+
+
+def run_trainer(sc: dict, on_step=None):
+    """The trainer a scenario names, with its config (and fixed rollouts for PPO if asked)."""
+    from fastlora.train import SFTConfig, sft
+
+    kind = sc.get("trainer", "sft")
+    if kind == "rm":
+        from fastlora.train.reward import RewardConfig, reward
+
+        return reward(RewardConfig(**sc["cfg"]), on_step=on_step)
+    if kind == "ppo":
+        import fastlora.train.ppo as ppo_mod
+        from fastlora.train.ppo_config import PPOConfig
+
+        real = ppo_mod.make_rollout
+        if sc.get("fixed_rollouts"):
+            ppo_mod.make_rollout = fixed_rollout
+        try:
+            return ppo_mod.ppo(PPOConfig(**sc["cfg"]), on_step=on_step)
+        finally:
+            ppo_mod.make_rollout = real
+    return sft(SFTConfig(**sc["cfg"]), on_step=on_step)
+
+
 def moments_data():
     """(x, mask): 7 rows of odd length with a ragged mask, values far from 0 (a cancelling
     E[x²] - E[x]² would lose digits)."""
@@ -102,7 +171,7 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
         from fastlora.cli import main as cli_main
 
         return cli_main(sc.get("cli_rank", {}).get(str(rank), sc["cli"]))
-    from fastlora.train import SFTConfig, distributed, sft
+    from fastlora.train import distributed
 
     distributed.setup(local_rank=int(os.environ["LOCAL_RANK"]))
     if "moments" in sc:
@@ -122,7 +191,7 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
         if step == sc.get("die_at") and rank == sc.get("die_rank"):
             os._exit(9)
 
-    sft(SFTConfig(**sc["cfg"]), on_step=die)
+    run_trainer(sc, on_step=die)
     return None
 
 
