@@ -15,6 +15,8 @@ SPEC is a list of scenarios run in order in the same process group:
   and the gathered LoRA gradients to ``out``;
 * ``{"moments": file}``: ``distributed.global_mean_var`` of :func:`moments_data`, rank 0
   holding its first 4 rows and rank 1 the other 3 (unequal shares); rank 0 saves the result;
+* ``{"rlhf": dir, "small": {"sft": {...}, "rm": {...}, "ppo": {...}}}``: ``fastlora.train.rlhf``
+  into ``dir``, each stage's config (the embedded defaults) overridden with these options;
 * ``{"cli": [...], "cli_rank": {"1": [...]}}``: ``fastlora.cli.main`` with these
   arguments (rank 1 may get others, e.g. a bad data file); the process exits with its code.
 """
@@ -128,6 +130,30 @@ def run_trainer(sc: dict, on_step=None):
     return sft(SFTConfig(**sc["cfg"]), on_step=on_step)
 
 
+def run_rlhf(runs_dir: str, small: dict) -> None:
+    """``fastlora.train.rlhf`` with every stage's config overridden by ``small[stage]`` (a
+    tiny model, few steps): the three trainers are looked up when a stage starts."""
+    import dataclasses
+    import importlib
+
+    from fastlora.train.rlhf import rlhf
+
+    # the modules (fastlora.train's own attribute `sft` is the function of the same name)
+    mods = {k: importlib.import_module(f"fastlora.train.{m}") for k, m in (("sft", "sft"), ("rm", "reward"),
+                                                                          ("ppo", "ppo"))}
+    real = {"sft": (mods["sft"], "sft"), "rm": (mods["rm"], "reward"), "ppo": (mods["ppo"], "ppo")}
+    saved = {k: getattr(mod, name) for k, (mod, name) in real.items()}
+    for k, (mod, name) in real.items():
+        # dataclasses.replace, not the trainers' **overrides: those round-trip the config through
+        # from_dict, which turns target_modules="all-linear" into ["all-linear"] (then refused)
+        setattr(mod, name, lambda cfg, _f=saved[k], _o=small[k], **kw: _f(dataclasses.replace(cfg, **_o), **kw))
+    try:
+        rlhf(runs_dir, progress=False)
+    finally:
+        for k, (mod, name) in real.items():
+            setattr(mod, name, saved[k])
+
+
 def moments_data():
     """(x, mask): 7 rows of odd length with a ragged mask, values far from 0 (a cancelling
     E[x²] - E[x]² would lose digits)."""
@@ -180,6 +206,9 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
         res = distributed.global_mean_var(x[rows], mask[rows])
         if rank == 0:
             torch.save(res, sc["moments"])
+        return None
+    if "rlhf" in sc:
+        run_rlhf(sc["rlhf"], sc["small"])
         return None
     if "step" in sc:
         res = qlora_step(sc["step"], fsdp=True)

@@ -12,7 +12,8 @@ Four torchrun launches, chained so that each resumes the run the one before kill
 2. that FSDP run resumed on 2 ranks (DCP shards) == uninterrupted, adapter within 1e-6;
    a PPO run killed on rank 1;
 3. the PPO run resumed == uninterrupted; an FSDP reward-model run killed;
-4. the reward-model run resumed == uninterrupted; then a bad preference file on rank 1:
+4. the reward-model run resumed == uninterrupted; ``rlhf`` (its three stages on the 2 ranks,
+   each on the tiny model for a step or two); then a bad preference file on rank 1:
    the CLI's exit code 2, rank 1 naming the file and line, rank 0 naming rank 1.
 
 In this process: the 1-process references, and the killed FSDP SFT run resumed on ONE
@@ -215,14 +216,26 @@ def test_rm_and_ppo_on_two_ranks_and_fsdp_checkpoints(tiny_model_dir, toy_dir, t
     bad.write_text(json.dumps(_pairs(1)[0]) + "\n{not json\n")
     args = ["rm", "--model", str(tiny_model_dir), "--output-dir", str(t / "rm_bad"), "--max-steps", "2",
             "--no-progress", "--data"]
+    tiny = dict(model=str(tiny_model_dir), lora_r=4, lora_alpha=8, max_new_tokens=4)
+    small = {"sft": dict(tiny, max_steps=2, batch_size=2, test_max_examples=4, eval_max_examples=4,
+                         measure_forgetting=False),
+             "rm": dict(model=str(tiny_model_dir), lora_r=4, lora_alpha=8, max_steps=2, batch_size=2,
+                        eval_max_examples=4),
+             "ppo": dict(tiny, max_steps=1, batch_size=2, mini_batch_size=2, test_max_examples=4,
+                         measure_forgetting=False)}
     run_d = _torchrun(t, "d", [
         {"trainer": "rm", "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_killed", parallel="fsdp", save_every=2,
                                          resume=True)},
+        {"rlhf": str(t / "rlhf"), "small": small},
         {"cli": args + [str(prefs)], "cli_rank": {"1": args + [str(bad)]}},
     ])
     assert (t / "rm_killed" / "summary.json").is_file(), run_d.stderr[-3000:]
     _same_run(t / "rm_killed", t / "rm_fsdp", ("loss", "accuracy", "grad_norm"), ("accuracy", "mean_margin"))
     _assert_same_adapter(t / "rm_killed", t / "rm_fsdp", rtol=1e-6, atol=1e-7)
+    # rlhf: the three stages, each on the 2 processes, PPO on the SFT adapter and the reward model
+    stages = {k: json.loads((t / "rlhf" / k / "summary.json").read_text()) for k in ("sft", "rm", "ppo")}
+    assert all(s["world_size"] == 2 for s in stages.values()), stages
+    assert str(t / "rlhf" / "rm") in stages["ppo"]["reward"] and "frozen SFT adapter" in stages["ppo"]["reference"]
     # the bad file on rank 1: every rank exits 2, rank 1 naming the file and line, rank 0 naming rank 1
     # (torchrun itself exits 1 and reports each worker's exit code; it may stop the second one first)
     assert run_d.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", run_d.stderr), run_d.stderr[-3000:]
