@@ -741,7 +741,8 @@ def _one_process_is_meant():
 def _dcp(call: Callable[[], Any], path: Path, what: str) -> None:
     """Run a DCP save or load. DCP reports a failure on any rank to every rank as one
     ``CheckpointException`` (a BaseException); it is turned into the first failing rank's
-    error: an OSError for the environment (full disk...), else a :class:`CheckpointError`."""
+    error: an OSError for the environment (full disk...), else a :class:`CheckpointError`
+    (reading) or a RuntimeError (writing)."""
     from torch.distributed.checkpoint import CheckpointException
 
     try:
@@ -751,8 +752,10 @@ def _dcp(call: Callable[[], Any], path: Path, what: str) -> None:
         env = environment_error(exc, path)
         if env is not None:
             raise env from None
-        raise CheckpointError(path, f"the sharded state could not be {what} (rank {rank}: "
-                                    f"{type(exc).__name__}: {exc})") from None
+        why = f"the sharded state could not be {what} (rank {rank}: {type(exc).__name__}: {exc})"
+        if what == "written":  # not the input's fault
+            raise RuntimeError(f"checkpoint {str(path)!r}: {why}") from None
+        raise CheckpointError(path, why) from None
 
 
 def _load_sharded(path: Path, module, optimizer, info: dict) -> None:

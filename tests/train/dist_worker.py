@@ -10,6 +10,8 @@ SPEC is a list of scenarios run in order in the same process group:
   (PPOConfig), with :func:`fixed_rollout` in place of the sampled rollouts when asked;
 * ``{"cfg": {...}, "die_at": k, "die_rank": r}``: the same, but rank r dies (``os._exit``,
   no cleanup, as a killed process) after optimizer step k; torchrun then ends the others;
+  ``"stop_at": k`` instead: every rank raises KeyboardInterrupt after step k (Ctrl-C: the
+  run ends with its last checkpoint) and the next scenario runs;
 * ``{"step": dir, "out": file}``: one forward/backward of :func:`qlora_step` on the tiny
   untied Llama in ``dir``, sharded with FSDP2 (lm_head its own unit); rank 0 saves the loss
   and the gathered LoRA gradients to ``out``;
@@ -219,8 +221,14 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
     def die(step, metrics):
         if step == sc.get("die_at") and rank == sc.get("die_rank"):
             os._exit(9)
+        if step == sc.get("stop_at"):
+            raise KeyboardInterrupt
 
-    run_trainer(sc, on_step=die)
+    try:
+        run_trainer(sc, on_step=die)
+    except KeyboardInterrupt:
+        if "stop_at" not in sc:
+            raise
     return None
 
 

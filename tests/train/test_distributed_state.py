@@ -130,3 +130,32 @@ def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path, old_world
                                  resumable=ckpt.RESUMABLE_CHANGES | allowed)
         with pytest.raises(ValueError, match="batch_size"):
             ckpt.check_resume_config(tmp_path / "cfg", {"batch_size": new_batch, "lr": 0.1})
+
+
+def test_a_full_disk_during_a_sharded_checkpoint_is_an_environment_error(tmp_path, monkeypatch):
+    """DCP reports a writer's failure as its own CheckpointException (a BaseException): it is
+    turned back into the OSError, so that an intermediate checkpoint is skipped with a
+    warning (on every rank alike) and nothing is left half-written."""
+    import errno
+    import os
+
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from fastlora.train import run as lifecycle
+
+    m, opt, sched = _trained(0)
+    first = ckpt.save_checkpoint(tmp_path, 2, m, opt, sched, {}, sharded=m)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data", full)
+    with pytest.raises(OSError) as e:
+        ckpt.save_checkpoint(tmp_path, 3, m, opt, sched, {}, sharded=m)
+    assert e.value.errno == errno.ENOSPC
+    warned = []
+    assert lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(tmp_path, 3, m, opt, sched, {}, sharded=m),
+                                    log=type("L", (), {"warn": staticmethod(warned.append)})) is None
+    assert warned and "No space left" in warned[0]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]  # no .tmp-* left behind
+    assert ckpt.verify_checkpoint(first) is None

@@ -1,20 +1,21 @@
 """The reward-model and PPO trainers on 2 ranks, and FSDP checkpoints (torchrun, gloo, CPU).
 
-Four torchrun launches, chained so that each resumes the run the one before killed:
+Three torchrun launches, chained so that each resumes the run the one before killed:
 
 1. reward model, DDP and FSDP2, 2 ranks x batch 2 (grad_accum 2, a short last global batch
    that leaves rank 1 nothing) == 1 process x batch 4: losses, accuracies, grad norms,
-   held-out scores (sharded, gathered in order) and the adapter. PPO (GAE with the adaptive
-   KL controller, and GRPO) 2 ranks x b == 1 process x 2b on the same rollouts
-   (:func:`tests.train.dist_worker.fixed_rollout`; sampled rollouts differ by rank, see
-   ppo.py): every logged loss and statistic, the KL coefficient, the adapters. Then an FSDP
-   SFT run with checkpoints, and the same run killed on rank 1 after step 3;
+   held-out scores (sharded, gathered in order) and the adapter; the FSDP run stopped
+   (Ctrl-C on every rank) after step 3 and resumed from its sharded checkpoint ==
+   uninterrupted. PPO (GAE with the adaptive KL controller, and GRPO) 2 ranks x b == 1
+   process x 2b on the same rollouts (:func:`tests.train.dist_worker.fixed_rollout`;
+   sampled rollouts differ by rank, see ppo.py): every logged loss and statistic, the KL
+   coefficient, the adapters. Then an FSDP SFT run with checkpoints, and the same run
+   killed on rank 1 after step 3;
 2. that FSDP run resumed on 2 ranks (DCP shards) == uninterrupted, adapter within 1e-6;
    a PPO run killed on rank 1;
-3. the PPO run resumed == uninterrupted; an FSDP reward-model run killed;
-4. the reward-model run resumed == uninterrupted; ``rlhf`` (its three stages on the 2 ranks,
-   each on the tiny model for a step or two); then a bad preference file on rank 1:
-   the CLI's exit code 2, rank 1 naming the file and line, rank 0 naming rank 1.
+3. the PPO run resumed == uninterrupted; ``rlhf`` (its three stages on the 2 ranks, each
+   on the tiny model for a step or two); then a bad preference file on rank 1: the CLI's
+   exit code 2, rank 1 naming the file and line, rank 0 naming rank 1.
 
 In this process: the 1-process references, and the killed FSDP SFT run resumed on ONE
 process with batch 4 (DCP reshards 2 -> 1; the global batch is the same), or refused with
@@ -131,6 +132,10 @@ def test_rm_and_ppo_on_two_ranks_and_fsdp_checkpoints(tiny_model_dir, toy_dir, t
     run_a = _torchrun(t, "a", [
         {"trainer": "rm", "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_ddp")},
         {"trainer": "rm", "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_fsdp", parallel="fsdp", save_every=2)},
+        {"trainer": "rm", "stop_at": 3, "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_stopped", parallel="fsdp",
+                                                       save_every=2)},
+        {"trainer": "rm", "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_stopped", parallel="fsdp", save_every=2,
+                                         resume=True)},
         {"trainer": "ppo", "fixed_rollouts": True, "cfg": _ppo_cfg(toy_dir, t / "ppo_gae", **ppo_gae)},
         {"trainer": "ppo", "fixed_rollouts": True, "cfg": _ppo_cfg(toy_dir, t / "ppo_grpo", **ppo_grpo)},
         {"cfg": _sft_cfg(tiny_model_dir, sft_data, t / "sft_straight")},
@@ -156,6 +161,8 @@ def test_rm_and_ppo_on_two_ranks_and_fsdp_checkpoints(tiny_model_dir, toy_dir, t
         _assert_same_adapter(t / name, t / "rm_one", rtol=REL, atol=ADAPTER_ATOL)
         assert json.loads((t / name / "summary.json").read_text())["world_size"] == 2
     assert (t / "rm_fsdp" / "checkpoints" / "step-000002" / "sharded").is_dir()
+    _same_run(t / "rm_stopped", t / "rm_fsdp", ("loss", "accuracy", "grad_norm"), ("accuracy", "mean_margin"))
+    _assert_same_adapter(t / "rm_stopped", t / "rm_fsdp", rtol=1e-6, atol=1e-7)
 
     # --- PPO: 2 ranks x b == 1 process x 2b on the same rollouts (GAE + adaptive KL, GRPO)
     ppo_keys = ("score", "score_std", "kl", "non_score_reward", "response_length", "policy_loss", "entropy",
@@ -203,15 +210,6 @@ def test_rm_and_ppo_on_two_ranks_and_fsdp_checkpoints(tiny_model_dir, toy_dir, t
     with pytest.raises(ValueError, match=r"trained on 2 process\(es\), this launch has 1.*batch-size 2 x 2 = 4"):
         sft(SFTConfig(**_sft_cfg(tiny_model_dir, sft_data, one_proc_refused, resume=True)))
 
-    run_c = _torchrun(t, "c", [
-        {"trainer": "ppo", "fixed_rollouts": True, "cfg": _ppo_cfg(toy_dir, t / "ppo_killed", resume=True, **ppo_gae)},
-        {"trainer": "rm", "die_at": 3, "die_rank": 1,
-         "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_killed", parallel="fsdp", save_every=2)},
-    ])
-    assert run_c.returncode != 0 and (t / "ppo_killed" / "summary.json").is_file(), run_c.stderr[-3000:]
-    _same_run(t / "ppo_killed", t / "ppo_gae", ppo_keys + ("value_loss",), ("accuracy", "reward"))
-    _assert_same_adapter(t / "ppo_killed", t / "ppo_gae", rtol=1e-6, atol=1e-7)
-
     bad = t / "bad.jsonl"
     bad.write_text(json.dumps(_pairs(1)[0]) + "\n{not json\n")
     args = ["rm", "--model", str(tiny_model_dir), "--output-dir", str(t / "rm_bad"), "--max-steps", "2",
@@ -223,22 +221,21 @@ def test_rm_and_ppo_on_two_ranks_and_fsdp_checkpoints(tiny_model_dir, toy_dir, t
                         eval_max_examples=4),
              "ppo": dict(tiny, max_steps=1, batch_size=2, mini_batch_size=2, test_max_examples=4,
                          measure_forgetting=False)}
-    run_d = _torchrun(t, "d", [
-        {"trainer": "rm", "cfg": _rm_cfg(tiny_model_dir, prefs, t / "rm_killed", parallel="fsdp", save_every=2,
-                                         resume=True)},
+    run_c = _torchrun(t, "c", [
+        {"trainer": "ppo", "fixed_rollouts": True, "cfg": _ppo_cfg(toy_dir, t / "ppo_killed", resume=True, **ppo_gae)},
         {"rlhf": str(t / "rlhf"), "small": small},
         {"cli": args + [str(prefs)], "cli_rank": {"1": args + [str(bad)]}},
     ])
-    assert (t / "rm_killed" / "summary.json").is_file(), run_d.stderr[-3000:]
-    _same_run(t / "rm_killed", t / "rm_fsdp", ("loss", "accuracy", "grad_norm"), ("accuracy", "mean_margin"))
-    _assert_same_adapter(t / "rm_killed", t / "rm_fsdp", rtol=1e-6, atol=1e-7)
+    assert (t / "ppo_killed" / "summary.json").is_file(), run_c.stderr[-3000:]
+    _same_run(t / "ppo_killed", t / "ppo_gae", ppo_keys + ("value_loss",), ("accuracy", "reward"))
+    _assert_same_adapter(t / "ppo_killed", t / "ppo_gae", rtol=1e-6, atol=1e-7)
     # rlhf: the three stages, each on the 2 processes, PPO on the SFT adapter and the reward model
     stages = {k: json.loads((t / "rlhf" / k / "summary.json").read_text()) for k in ("sft", "rm", "ppo")}
     assert all(s["world_size"] == 2 for s in stages.values()), stages
     assert str(t / "rlhf" / "rm") in stages["ppo"]["reward"] and "frozen SFT adapter" in stages["ppo"]["reference"]
     # the bad file on rank 1: every rank exits 2, rank 1 naming the file and line, rank 0 naming rank 1
     # (torchrun itself exits 1 and reports each worker's exit code; it may stop the second one first)
-    assert run_d.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", run_d.stderr), run_d.stderr[-3000:]
-    assert "bad.jsonl" in run_d.stderr and "line 2" in run_d.stderr, run_d.stderr[-3000:]
-    assert "rank 1 failed while checking the output dir and reading the data" in run_d.stderr, run_d.stderr[-3000:]
+    assert run_c.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", run_c.stderr), run_c.stderr[-3000:]
+    assert "bad.jsonl" in run_c.stderr and "line 2" in run_c.stderr, run_c.stderr[-3000:]
+    assert "rank 1 failed while checking the output dir and reading the data" in run_c.stderr, run_c.stderr[-3000:]
     assert not (t / "rm_bad").exists()
