@@ -54,7 +54,7 @@ _HELP = {
     "warmup_steps": "optimizer steps of linear warmup",
     "scheduler": "learning-rate schedule after warmup: cosine, linear or constant",
     "max_grad_norm": "clip the gradient norm to this value; 0 disables clipping",
-    "batch_size": "examples per micro-batch",
+    "batch_size": "examples per micro-batch (per process under torchrun)",
     "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps; 0 = run --epochs epochs (default: 60 on the embedded task, else 0)",
     "epochs": "passes over the training data when --max-steps is 0",
@@ -88,7 +88,7 @@ _RM_HELP = {
     "eval_data": "held-out preference files (default: --eval-split of the training pairs)",
     "max_length": "tokens per prompt + response; longer ones keep their last tokens (the end of the response)",
     "lr": "peak learning rate (default: 5e-4 on the embedded task, else 1e-4)",
-    "batch_size": "preference pairs per micro-batch (two sequences each)",
+    "batch_size": "preference pairs per micro-batch (two sequences each; per process under torchrun)",
     "max_steps": "optimizer steps; 0 = run --epochs epochs (default: 40 on the embedded task, else 0)",
     "eval_max_examples": "held-out pairs scored before and after training; 0 = all (default: 150 on the embedded task)",
     "eval_batch_size": "pairs per batch when scoring held-out pairs",
@@ -121,7 +121,8 @@ _PPO_HELP = {
     "group_size": "grpo: responses sampled per prompt",
     "critic": "separate (its own adapter and value head) or shared (value head on the policy's trunk)",
     "ppo_epochs": "passes of PPO updates over each rollout",
-    "mini_batch_size": "rollout rows per optimizer step; must divide the rollout (default: the whole rollout)",
+    "mini_batch_size": "rollout rows per optimizer step; must divide the rollout (default: the whole rollout; "
+                       "per process under torchrun)",
     "clip": "policy ratio clip epsilon",
     "vf_clip": "value clip epsilon",
     "vf_coef": "weight of the value loss",
@@ -137,7 +138,8 @@ _PPO_HELP = {
                       "same prompt (one more greedy rollout per step; removes a reward model's per-prompt offsets)",
     "critic_lr": "learning rate of the critic (default: --lr)",
     "sample_every": "log sample responses every N rollouts; 0 = never",
-    "batch_size": "prompts per rollout (x --group-size with grpo) (default: set by the task)",
+    "batch_size": "prompts per rollout (x --group-size with grpo; per process under torchrun) (default: set by the "
+                  "task)",
     "max_steps": "rollouts, each followed by --ppo-epochs of updates (default: set by the task)",
     "lr": "learning rate of the policy (default: set by the task)",
     "output_dir": "where the policy adapter, roles/, metrics.jsonl, samples.jsonl, curves.png and summary.json go",
@@ -365,7 +367,8 @@ def _cmd_rlhf(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+    with _launched_by_torchrun():
+        rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
     return 0
 
 

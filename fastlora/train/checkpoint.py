@@ -10,6 +10,14 @@ Layout of an output directory::
     adapter/                  the final adapter: adapter_model.safetensors + adapter_config.json
     summary.json, curve.png
 
+A checkpoint of an FSDP run (``parallel='fsdp'``) keeps its adapter/ (gathered, PEFT format,
+for people and tools) and adds ``sharded/``: the trainable parameters and the optimizer
+state as torch.distributed.checkpoint (DCP) writes them with its safetensors storage, one
+file per rank holding that rank's shards, each shard's offsets in the file's JSON header.
+Every rank writes its own file into the same ``.tmp-*`` dir; rank 0 adds the rest and
+renames the whole dir. Resuming reads the shards back with DCP, which reshards them for
+another number of ranks (or whole tensors in one process).
+
 What is guaranteed:
 
 - **Atomic and durable.** Every file is written to a temporary name in its final directory,
@@ -18,7 +26,8 @@ What is guaranteed:
   renamed. A run killed at any moment leaves the previous complete checkpoint loadable and at
   worst a ``.tmp-*`` leftover, removed by :func:`clean_stale` when the next run starts. Old
   checkpoints are pruned only after the new one is complete.
-- **No pickle.** Checkpoints hold safetensors and JSON only; loading one cannot run code.
+- **No pickle.** Checkpoints hold safetensors and JSON only; loading one cannot run code
+  (DCP's own format pickles its metadata: fastlora uses DCP's safetensors storage instead).
 - **Verified.** ``checksums.json`` is written last; a checkpoint whose files do not match it is
   reported by name (:func:`verify_checkpoint`) and never loaded.
 - **Readable by others.** Files get the permissions of ``open()`` under the user's umask
@@ -30,6 +39,7 @@ What is guaranteed:
 """
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import functools
 import hashlib
@@ -49,6 +59,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
 MANIFEST = "checksums.json"
+SHARDED_DIR = "sharded"  # FSDP checkpoints: DCP's per-rank safetensors files
 LEGACY_STATE_FILE = "trainer_state.pt"  # pickled state of fastlora <= 2026-11-30: never loaded
 CHECKPOINT_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -266,26 +277,10 @@ def write_dir_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) ->
     """Call ``fill(tmp_dir)`` and then move ``tmp_dir`` to ``target``, replacing an
     existing ``target`` only once the new content is complete and on disk."""
     target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
-    except OSError as e:
-        raise environment_error(e, target.parent) or e
+    tmp = make_tmp_dir(target)
     try:
         fill(tmp)
-        _seal_tree(tmp)
-        if target.exists():
-            # Between the two renames the complete old content sits at .old-*: clean_stale() puts
-            # it back if a kill lands there.
-            old = target.parent / f".old-{target.name}.{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
+        commit_dir(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         env = environment_error(e, target)
@@ -293,6 +288,33 @@ def write_dir_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) ->
             raise env from e
         raise
     return target
+
+
+def make_tmp_dir(target: str | os.PathLike) -> Path:
+    """A new ``.tmp-<name>.*`` dir next to ``target``, to be filled and then :func:`commit_dir`-ed."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise environment_error(e, target.parent) or e
+
+
+def commit_dir(tmp: Path, target: Path) -> None:
+    """Every file of the filled ``tmp`` on disk, then ``tmp`` renamed to ``target`` (replacing it)."""
+    _seal_tree(tmp)
+    if target.exists():
+        # Between the two renames the complete old content sits at .old-*: clean_stale() puts
+        # it back if a kill lands there.
+        old = target.parent / f".old-{target.name}.{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
 
 
 def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
@@ -550,17 +572,76 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """:func:`verify_checkpoint`, raising :class:`CheckpointError` on a problem. Under torchrun
+    every rank checks and every rank raises when one finds a problem (before a sharded load,
+    which is a collective, would leave the others waiting)."""
+    from . import distributed as dist
+
+    def check() -> None:
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(path, problem)
+
+    dist.agree(check, f"verifying {path}")
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, scheduler, trainer: dict,
-                    *, keep: int = 2, root: str | os.PathLike | None = None, extra: dict | None = None) -> Path:
+                    *, keep: int = 2, root: str | os.PathLike | None = None, extra: dict | None = None,
+                    sharded=None) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically (adapter, optimizer/scheduler/RNG state as
     safetensors + JSON, checksums), then prune to the ``keep`` newest (0 keeps all).
 
     ``root`` writes into another checkpoints dir (emergency checkpoints); ``extra`` is any
     further state (nested dicts/lists of tensors and JSON values, e.g. a second optimizer)
-    given back by :func:`load_checkpoint` under ``"extra"``."""
-    from safetensors.torch import save_file
+    given back by :func:`load_checkpoint` under ``"extra"``.
+
+    Under torchrun EVERY rank calls it and gets the path (or the same error). Without
+    ``sharded`` the main rank writes it all (under DDP every rank holds the same weights).
+    ``sharded``: the module (an FSDP2 model, or one holding FSDP2 units) whose trainable
+    parameters and optimizer state go to ``sharded/`` through DCP, each rank writing its own
+    shards; the main rank then writes the rest, the adapter gathered from the shards."""
+    from . import distributed as dist
 
     root = Path(root) if root is not None else Path(output_dir) / CHECKPOINTS
+    target = root / f"step-{step:06d}"
+    if sharded is None:
+        def save() -> Path:
+            _prepare_root(root)
+            path = write_dir_atomic(target, lambda tmp: _fill_checkpoint(tmp, step, model, optimizer.state_dict(),
+                                                                        scheduler, trainer, extra))
+            _prune(output_dir, root, keep)
+            return path
+
+        return dist.on_main(save, f"writing the checkpoint {target}")
+
+    tensors, groups = sharded_state(sharded, optimizer)
+    tmp = Path(dist.on_main(lambda: (_prepare_root(root), str(make_tmp_dir(target)))[1],
+                            f"creating the checkpoint dir in {root}"))
+    done = False
+    try:
+        _dcp(lambda: _dcp_save(tensors, tmp / SHARDED_DIR), tmp, "written")
+        info = {"dir": SHARDED_DIR, "world_size": dist.world_size(), "param_groups": groups}
+
+        def finish() -> Path:
+            _fill_checkpoint(tmp, step, model, None, scheduler, trainer, extra, sharded=info)
+            try:
+                commit_dir(tmp, target)
+            except OSError as e:
+                raise environment_error(e, target) or e
+            _prune(output_dir, root, keep)
+            return target
+
+        with dist.gathered(sharded):  # the adapter/ of the checkpoint, whole, in PEFT's format
+            path = dist.on_main(finish, f"writing the checkpoint {target}")
+        done = True
+    finally:
+        if not done and dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _prepare_root(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -568,32 +649,136 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
 
-    def fill(tmp: Path) -> None:
-        save_trainable(model, tmp / "adapter")
-        tensors: dict[str, torch.Tensor] = {}
-        state = {
-            "optimizer": encode_state(optimizer.state_dict(), tensors, "optimizer"),
-            "scheduler": encode_state(scheduler.state_dict(), tensors, "scheduler") if scheduler is not None else None,
-            "rng": encode_state(rng_state(), tensors, "rng"),
-            "extra": encode_state(extra, tensors, "extra") if extra is not None else None,
-        }
-        doc = {"format": CHECKPOINT_FORMAT, "step": step, "trainer": encode_state(trainer, tensors, "trainer"),
-               "state": state}
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        write_json_atomic(tmp / STATE_FILE, doc)
-        _write_manifest(tmp)  # last: its presence marks the checkpoint complete
 
-    path = write_dir_atomic(root / f"step-{step:06d}", fill)
+def _prune(output_dir, root: Path, keep: int) -> None:
     if keep > 0:
         for _, old in checkpoint_dirs(output_dir, root=root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return path
+
+
+def _fill_checkpoint(tmp: Path, step: int, model, optimizer_state: dict | None, scheduler, trainer: dict,
+                     extra: dict | None, sharded: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_trainable(model, tmp / "adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "optimizer": encode_state(optimizer_state, tensors, "optimizer") if optimizer_state is not None else None,
+        "scheduler": encode_state(scheduler.state_dict(), tensors, "scheduler") if scheduler is not None else None,
+        "rng": encode_state(rng_state(), tensors, "rng"),
+        "extra": encode_state(extra, tensors, "extra") if extra is not None else None,
+    }
+    doc = {"format": CHECKPOINT_FORMAT, "step": step, "trainer": encode_state(trainer, tensors, "trainer"),
+           "state": state}
+    if sharded is not None:
+        doc["sharded"] = encode_state(sharded, tensors, "sharded")
+    save_file(tensors, str(tmp / TENSORS_FILE))
+    write_json_atomic(tmp / STATE_FILE, doc)
+    _write_manifest(tmp)  # last: its presence marks the checkpoint complete
+
+
+# ------------------------------------------------------- sharded (FSDP) state: DCP
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint holds DCP shards (written by an FSDP run) instead of whole tensors."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def sharded_state(module, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``module``'s trainable parameters and ``optimizer``'s state keyed by parameter name, flat
+    for DCP (``model.<name>``, ``optim.<name>.<key>``; FSDP2 shards stay DTensors, which DCP
+    saves and loads shard by shard), and the optimizer's param groups (hyperparameters, for
+    JSON). An optimizer without state yet gets it (a step with zero learning rate, torch's
+    own way), so that a load has tensors to fill."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(module, optimizer)
+    flat = {f"model.{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    for name, st in osd["state"].items():
+        for k, v in st.items():
+            if not torch.is_tensor(v):
+                raise TypeError(f"optimizer state {name}.{k} is a {type(v).__name__}; a sharded checkpoint stores "
+                                "tensors only")
+            flat[f"optim.{name}.{k}"] = v
+    return flat, osd["param_groups"]
+
+
+def _dcp_save(tensors: dict, directory: Path) -> None:
+    from . import distributed as dist
+
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    except ImportError as e:
+        raise RuntimeError(f"checkpoints of FSDP runs need torch.distributed.checkpoint's safetensors storage "
+                           f"(HuggingFaceStorageWriter), missing in torch {torch.__version__}: upgrade torch") from e
+    # save_distributed: each rank writes its own shards (their offsets go in the file's JSON header)
+    writer = HuggingFaceStorageWriter(str(directory), save_distributed=True)
+    with _one_process_is_meant():
+        dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_distributed())
+
+
+def _dcp_load(tensors: dict, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from . import distributed as dist
+
+    with _one_process_is_meant():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_distributed())
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    # DCP warns on every call without a process group even when asked for exactly that
+    # (no_dist=True): a parallel='fsdp' run on one process (or resumed on one) is meant.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _dcp(call: Callable[[], Any], path: Path, what: str) -> None:
+    """Run a DCP save or load. DCP reports a failure on any rank to every rank as one
+    ``CheckpointException`` (a BaseException); it is turned into the first failing rank's
+    error: an OSError for the environment (full disk...), else a :class:`CheckpointError`
+    (reading) or a RuntimeError (writing)."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        call()
+    except CheckpointException as e:
+        rank, (exc, _) = sorted(e.failures.items())[0]
+        env = environment_error(exc, path)
+        if env is not None:
+            raise env from None
+        why = f"the sharded state could not be {what} (rank {rank}: {type(exc).__name__}: {exc})"
+        if what == "written":  # not the input's fault
+            raise RuntimeError(f"checkpoint {str(path)!r}: {why}") from None
+        raise CheckpointError(path, why) from None
+
+
+def _load_sharded(path: Path, module, optimizer, info: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    tensors, _ = sharded_state(module, optimizer)
+    _dcp(lambda: _dcp_load(tensors, path / info["dir"]), path, "read into this model")
+    state: dict[str, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim."):].rsplit(".", 1)
+            state.setdefault(name, {})[k] = v
+    groups = info["param_groups"]
+    _tuple_hyperparameters(groups, optimizer.state_dict()["param_groups"])
+    set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups})
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, verify: bool = True) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return the trainer dict
     (with ``"step"``, and ``"extra"`` when the checkpoint has one). Raises :class:`CheckpointError`
-    naming the file when the checkpoint is incomplete, damaged or does not fit the model."""
+    naming the file when the checkpoint is incomplete, damaged or does not fit the model.
+    A sharded checkpoint (an FSDP run's) is read back by DCP into ``model``'s trainable
+    parameters, sharded or not: under torchrun every rank calls this."""
     from peft.utils import set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -602,9 +787,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, ver
 
     path = Path(path)
     if verify:
-        problem = verify_checkpoint(path)
-        if problem is not None:
-            raise CheckpointError(path, problem)
+        check_checkpoint(path)
+    if is_sharded_checkpoint(path):
+        return load_training_state(path, optimizer, scheduler, verify=False, module=model)
+    _refuse_shards(path, model)
     if own_method(model) is not None:  # the bottleneck adapter or BitFit: fastlora's own format
         try:
             load_trainable_state(model, path / "adapter")
@@ -624,25 +810,37 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, ver
     return load_training_state(path, optimizer, scheduler, verify=False)
 
 
-def load_training_state(path: str | os.PathLike, optimizer, scheduler, *, verify: bool = True) -> dict:
+def load_training_state(path: str | os.PathLike, optimizer, scheduler, *, verify: bool = True,
+                        module=None) -> dict:
     """The part of :func:`load_checkpoint` after the adapter weights: optimizer, scheduler, RNG and
     the trainer dict. For trainers whose checkpoint ``adapter/`` is not a plain PEFT adapter (the
-    reward model's sequence-classification export): they restore it themselves, then call this."""
+    reward model's sequence-classification export): they restore it themselves, then call this.
+    A sharded checkpoint restores ``module``'s trainable parameters too (from its shards, not
+    from adapter/), and the optimizer state, through DCP: every rank calls this then."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from . import distributed as dist
+
     path = Path(path)
     if verify:
-        problem = verify_checkpoint(path)
-        if problem is not None:
-            raise CheckpointError(path, problem)
-    try:
-        tensors = load_file(path / TENSORS_FILE)
-        doc = json.loads((path / STATE_FILE).read_text())
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
-        raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+        check_checkpoint(path)
+
+    def read() -> tuple[dict, dict]:
+        try:
+            return load_file(path / TENSORS_FILE), json.loads((path / STATE_FILE).read_text())
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
+            raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+
+    tensors, doc = dist.agree(read, f"reading {path}")  # every rank, before the collective load of shards
     state = decode_state(doc["state"], tensors)
-    _load_optimizer(optimizer, state["optimizer"])
+    if doc.get("sharded") is not None:
+        if module is None:
+            raise CheckpointError(path, "holds sharded state (an FSDP run's) but no module was given to load it into")
+        _load_sharded(path, optimizer=optimizer, module=module, info=decode_state(doc["sharded"], tensors))
+    else:
+        _refuse_shards(path, module)
+        _load_optimizer(optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -653,13 +851,24 @@ def load_training_state(path: str | os.PathLike, optimizer, scheduler, *, verify
 
 
 def _load_optimizer(optimizer, saved: dict) -> None:
+    _tuple_hyperparameters(saved.get("param_groups", []), optimizer.state_dict()["param_groups"])
+    optimizer.load_state_dict(saved)
+
+
+def _tuple_hyperparameters(saved_groups: list[dict], current: list[dict]) -> None:
     # JSON turned tuples of hyperparameters (AdamW's betas) into lists: give them their type back.
-    current = optimizer.state_dict()["param_groups"]
-    for group, now in zip(saved.get("param_groups", []), current):
+    for group, now in zip(saved_groups, current):
         for k, v in now.items():
             if isinstance(v, tuple) and isinstance(group.get(k), list):
                 group[k] = tuple(group[k])
-    optimizer.load_state_dict(saved)
+
+
+def _refuse_shards(path: Path, module) -> None:
+    from .distributed import is_shard
+
+    if module is not None and any(is_shard(p) for p in module.parameters() if p.requires_grad):
+        raise CheckpointError(path, "holds whole tensors (a run without --parallel fsdp); this run is sharded "
+                                    "(FSDP) and resumes only from its own sharded checkpoints")
 
 
 def save_trainable(model, directory, state_dict: dict | None = None) -> None:

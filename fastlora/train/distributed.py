@@ -23,7 +23,16 @@ same calls):
   original order (:func:`gather_in_order`), or summed (:func:`all_sum`).
 * A step that may fail on some ranks only (reading data, resuming) runs inside
   :func:`agree`: every rank learns of the failure and raises, with the failing rank's
-  error, instead of waiting forever in the next collective.
+  error, instead of waiting forever in the next collective. An environment error (full
+  disk, permissions) reaches the other ranks as an :class:`OSError` with its errno
+  (:class:`RankEnvironmentError`), so every rank takes the same decision about it.
+* The trainers on the shared base (reward model, PPO) do not wrap their model in DDP: a
+  role runs through several methods of :class:`fastlora.rl.SharedBase` (hidden states,
+  scores, shared-prompt scoring) and PPO runs the policy and the critic before one
+  backward, none of which goes through a DDP module's ``forward`` that arms its gradient
+  hooks. They average the trainable gradients themselves, once per optimizer step
+  (:func:`average_gradients`: one all-reduce of one flat buffer, DDP's arithmetic without
+  its overlap with backward; LoRA gradients are megabytes).
 """
 from __future__ import annotations
 
@@ -36,6 +45,12 @@ T = TypeVar("T")
 
 class RankError(RuntimeError):
     """Raised on every healthy rank when another rank failed (its error is in the message)."""
+
+
+class RankEnvironmentError(OSError):
+    """Raised on every healthy rank when another rank hit an environment error (full disk,
+    read-only or permission-denied path): an OSError with that errno and path, so that
+    ``checkpoint.environment_error`` (and the CLI's exit status) treat it like the original."""
 
 
 def _dist():
@@ -182,13 +197,27 @@ def agree(fn: Callable[[], T], what: str) -> T:
         result = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and all others
         err = e
-    reports = all_gather_object(None if err is None else f"{type(err).__name__}: {err}")
+    report = None
+    if err is not None:
+        errno = err.errno if isinstance(err, OSError) else None
+        filename = err.filename if isinstance(err, OSError) else None
+        report = (f"{type(err).__name__}: {err}", errno, None if filename is None else str(filename))
+    reports = all_gather_object(report)
     if err is not None:
         raise err
     for r, rep in enumerate(reports):
         if rep is not None:
-            raise RankError(f"rank {r} failed while {what}: {rep}")
+            text, errno, filename = rep
+            if errno is not None:
+                raise RankEnvironmentError(errno, f"rank {r} failed while {what}: {text}", filename)
+            raise RankError(f"rank {r} failed while {what}: {text}")
     return result  # type: ignore[return-value]
+
+
+def on_main(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on the main rank only (a write); every rank returns its result, or raises its
+    error (through :func:`agree`). Called on every rank."""
+    return broadcast_object(agree(lambda: fn() if is_main() else None, what))
 
 
 @contextlib.contextmanager
@@ -238,23 +267,42 @@ def wrap_ddp(model, device):
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
-def check_resume_world_size(run_file) -> None:
-    """Refuse to resume on another number of ranks: the global batch (batch_size x world)
-    and so the data order and the updates would change."""
+def check_resume_world_size(run_file, config: dict | None = None,
+                            per_rank: Sequence[str] = ("batch_size",)) -> frozenset[str]:
+    """Refuse to resume on another number of ranks unless the global batch stays the same.
+
+    The data order and the updates depend on the global batch (each option of ``per_rank``,
+    e.g. ``batch_size``, times the number of processes). A run on 2 processes x batch 4 may
+    resume on 1 process x batch 8 or 4 x 2: the checkpoint holds whole tensors (DDP) or
+    shards that torch.distributed.checkpoint reshards (FSDP). Returns the options allowed to
+    differ from run.json because of that (checked by ``checkpoint.check_resume_config``);
+    ``config`` None allows no change of the number of processes."""
     import json
     from pathlib import Path
 
     p = Path(run_file)
     if not p.is_file():
-        return
+        return frozenset()
     try:
-        before = json.loads(p.read_text()).get("world_size", 1)
+        info = json.loads(p.read_text())
     except json.JSONDecodeError:
-        return
-    if before != world_size():
-        raise ValueError(f"--resume: the run in {str(p.parent)!r} was trained on {before} process(es), this "
-                         f"launch has {world_size()}; resume with --nproc_per_node x nodes = {before} "
-                         f"(the global batch is batch_size x processes)")
+        return frozenset()
+    before, now = info.get("world_size", 1), world_size()
+    if before == now:
+        return frozenset()
+    old = info.get("config", {})
+    if config is not None and all(isinstance(old.get(k), int) and isinstance(config.get(k), int)
+                                  and old[k] * before == config[k] * now for k in per_rank):
+        return frozenset(per_rank)
+    shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} x {before} = {_times(old.get(k), before)}"
+                      for k in per_rank)
+    raise ValueError(f"--resume: the run in {str(p.parent)!r} was trained on {before} process(es), this "
+                     f"launch has {now}; resume with --nproc_per_node x nodes = {before}, or keep the global "
+                     f"batch ({shown}) with options x {now} processes giving the same numbers")
+
+
+def _times(a, b):
+    return a * b if isinstance(a, int) else "?"
 
 
 @contextlib.contextmanager
@@ -289,7 +337,7 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if type(m).__name__ in names and isinstance(m, torch.nn.Module)]
 
 
-def wrap_fsdp(model):
+def wrap_fsdp(model, root=None):
     """Shard ``model`` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per
     decoder layer, one for an untied output head, the root (embeddings, norms) last.
 
@@ -297,13 +345,20 @@ def wrap_fsdp(model):
     NF4 bytes stored as e.g. bfloat16 elements), so that each unit's parameters share a
     dtype FSDP can flatten and all-gather; fastlora's patched layers read the gathered bytes
     with the QuantState bitsandbytes keeps on the module. ``generate`` is registered as a
-    forward method so the root's parameters are gathered for generation too."""
+    forward method so the root's parameters are gathered for generation too.
+
+    ``root``: the module every forward enters, when that is not ``model`` (the shared base
+    runs its roles through the decoder, ``lm.get_decoder()``, and reads no logits); it is
+    sharded last and an output head outside it is left whole."""
     if not is_distributed():
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in decoder_layers(model):
         fully_shard(layer)
+    if root is not None:
+        fully_shard(root)
+        return model
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is not None and getattr(head, "weight", None) is not getattr(emb, "weight", None):
@@ -323,15 +378,75 @@ def is_fully_sharded(model) -> bool:
     return module_cls is not None and isinstance(model, module_cls)
 
 
-def full_trainable_state(model) -> dict:
-    """{name: full tensor} of the trainable parameters, gathered from their FSDP shards
-    (a collective: every rank calls it, in the same order); plain tensors as they are."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return out
+def is_shard(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard). Cheap: nothing is imported."""
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+@contextlib.contextmanager
+def gathered(module) -> Iterator[None]:
+    """Inside the block the trainable parameters of an FSDP2-sharded ``module`` are whole
+    tensors, so that every saver written for a plain model (PEFT's ``save_pretrained``, the
+    shared base's exports) works unchanged; the shards are put back on exit.
+
+    Gathering is a collective: every rank enters the block (and only the main rank writes in
+    it). Only the trainable parameters are gathered (the adapters: megabytes), never the
+    frozen base. Nothing happens to a module without shards."""
+    import torch
+
+    swapped = []
+    for _, mod in module.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.requires_grad and is_shard(p):
+                swapped.append((mod, name, p))
+    try:
+        for mod, name, p in swapped:  # named_modules' order: the same on every rank
+            setattr(mod, name, torch.nn.Parameter(p.detach().full_tensor(), requires_grad=True))
+        yield
+    finally:
+        for mod, name, p in swapped:
+            setattr(mod, name, p)
+
+
+def average_gradients(params) -> None:
+    """Average the ``.grad`` of ``params`` over the ranks (what DDP does), in one all-reduce.
+
+    FSDP2 shards (DTensors) are skipped: FSDP reduce-scatters those itself. A parameter with
+    no gradient on this rank contributes zeros; one with no gradient on ANY rank keeps
+    ``grad=None``, as in one process (the optimizer then skips it)."""
+    if not is_distributed():
+        return
+    import torch
+
+    plain = [p for p in params if not is_shard(p)]
+    if not plain:
+        return
+    ref = plain[0]
+    dtype = torch.float32
+    for p in plain:  # at least float32 (bf16 gradients are summed in fp32), float64 stays float64
+        dtype = torch.promote_types(dtype, p.dtype)
+    parts = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in plain]
+    has = torch.tensor([p.grad is not None for p in plain], dtype=dtype, device=ref.device)
+    flat = torch.cat(parts + [has])  # the flags ride along: which parameters have a gradient somewhere
+    if _dist().get_backend() == "nccl" and flat.device.type != "cuda":
+        flat = flat.cuda()
+    _dist().all_reduce(flat)
+    flat = flat.to(ref.device)
+    flags = flat[-len(plain):]
+    offset = 0
+    for p, present in zip(plain, flags.tolist()):
+        n = p.numel()
+        if present:
+            g = (flat[offset:offset + n] / world_size()).view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        offset += n
 
 
 def global_mean_var(x, mask=None) -> tuple[float, float]:
@@ -352,3 +467,23 @@ def global_mean_var(x, mask=None) -> tuple[float, float]:
     mean = total / n
     (sq,) = all_sum([float(((v - mean) ** 2).sum())])
     return mean, sq / n
+
+
+def global_mean(x, mask=None) -> float:
+    """Mean of ``x``'s valid elements over ALL ranks (float64): the metric one process holding
+    every rank's rows would log. ``mask``: 0/1 or bool, same shape as ``x`` (None = all)."""
+    v = x.detach().double()
+    if mask is not None:
+        v = v[mask.bool()]
+    total, n = all_sum([float(v.sum()), v.numel()])
+    return total / n if n else float("nan")
+
+
+def global_whiten(x, mask, eps: float = 1e-8):
+    """``fastlora.rl.whiten`` with the moments of the GLOBAL batch (:func:`global_mean_var`):
+    ``(x - mean) / sqrt(var + eps)`` on the valid elements, 0 elsewhere, dtype of ``x``."""
+    import torch
+
+    mean, var = global_mean_var(x, mask)
+    out = (x.double() - mean) / (var + eps) ** 0.5
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device)).to(x.dtype)

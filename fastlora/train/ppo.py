@@ -35,6 +35,20 @@ adapters off.
 Reproducibility: every random choice (prompt order, sampling, mini-batch order) comes
 from generators seeded by (seed, step), so a resumed run continues with the same
 metrics as an uninterrupted one (tested).
+
+**Under torchrun** (``distributed.py``'s conventions): ``batch_size`` and ``mini_batch_size``
+are per rank. A step's prompts are the next ``batch_size x world`` of the prompt order, rank
+r taking the r-th contiguous part, so a GRPO group (one prompt's k samples) never straddles
+ranks. Each rank rolls out (its own sampling stream; rank 0's is a single process's), scores
+and computes the reference log-probs and values of its own rows. Everything that one process
+would compute over the whole rollout is global: the advantage whitening
+(``distributed.global_whiten``), the logged means, the KL the controller sees. The updates
+see the global rollout too: one permutation of all ranks' rows (the same seed on every
+rank), each mini-batch of ``mini_batch_size x world`` rows is trained by the ranks holding
+them, normalized by the mini-batch's valid tokens on all ranks, and the gradients averaged
+(``distributed.average_gradients``) before each optimizer step. 2 ranks x b prompts then
+update exactly as 1 process x 2b given the same rollouts (tested); the samples themselves
+differ, since each rank draws its own.
 """
 from __future__ import annotations
 
@@ -46,6 +60,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import run as lifecycle
 from .console import Console
 from .ppo_config import PPOConfig
@@ -355,8 +370,12 @@ def load_ppo_checkpoint(path: Path, base, roles, optimizer) -> dict:
 
 
 # ------------------------------------------------------------------------ one step
-def _seed(cfg: PPOConfig, step: int, what: int) -> int:
-    return (cfg.seed * 1_000_003 + step * 101 + what) % (2**31 - 1)
+def _seed(cfg: PPOConfig, step: int, what: int, *, per_rank: bool = True) -> int:
+    """The seed of one random choice of a step. ``per_rank``: each rank gets its own stream (its
+    own samples), rank 0 the single-process one; otherwise every rank draws the same."""
+    s = (cfg.seed * 1_000_003 + step * 101 + what) % (2**31 - 1)
+    r = dist.rank()
+    return s if r == 0 or not per_rank else (s * 1_000_003 + r) % (2**31 - 1)
 
 
 def make_rollout(base, tokenizer, cfg: PPOConfig, items: list[PromptItem], step: int,
@@ -452,26 +471,29 @@ def prepare_batch(base, cfg: PPOConfig, ro: Rollout, scores: torch.Tensor, beta:
         ref = response_logprobs(base, "reference", ro, temperature=cfg.temperature)
         kl = rl.kl_penalty(old, ref, cfg.kl_kind)
         seq_kl = rl.masked_sum(kl, mask, dim=1)  # (N,) KL of each response
-        stats = {"kl": float(seq_kl.mean()), "score": float(scores.mean()),
-                 "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-                 "response_length": float(mask.sum(1).mean())}
+        # every logged mean is over the whole rollout, all ranks' rows (distributed.global_mean)
+        _, score_var = dist.global_mean_var(scores)
+        (n_rows,) = dist.all_sum([scores.numel()])
+        stats = {"kl": dist.global_mean(seq_kl), "score": dist.global_mean(scores),
+                 "score_std": (score_var * n_rows / (n_rows - 1)) ** 0.5 if n_rows > 1 else 0.0,
+                 "response_length": dist.global_mean(mask.sum(1))}
         if baseline is not None:
-            stats["score_baseline"] = float(baseline.mean())
+            stats["score_baseline"] = dist.global_mean(baseline)
             scores = scores - baseline
-        if cfg.advantage == "grpo":
+        if cfg.advantage == "grpo":  # a group never straddles ranks: its z-scores are local
             adv = rl.group_advantages(scores.to(dev, torch.float32), cfg.group_size)[:, None] * mask
-            stats["non_score_reward"] = float(-beta * seq_kl.mean())
+            stats["non_score_reward"] = -beta * stats["kl"]
             return Batch(ro, ref, None, adv, None), stats
         h = base.hidden_states("critic", ro.input_ids.to(dev), ro.attention_mask.to(dev))
         values = response_values(base, ro, h)
         rewards, kl_m = rl.token_rewards(scores.to(dev, torch.float32), old, ref, mask, beta, cfg.kl_kind)
         adv, ret = rl.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            adv = rl.whiten(adv, mask)
-        stats["non_score_reward"] = float(rl.masked_sum(-beta * kl_m, mask, dim=1).mean())
+        if cfg.whiten_advantages:  # rl.whiten with the moments of the global rollout
+            adv = dist.global_whiten(adv, mask)
+        stats["non_score_reward"] = dist.global_mean(rl.masked_sum(-beta * kl_m, mask, dim=1))
         stats["reward"] = stats["score"] + stats["non_score_reward"]
-        stats["value_mean"] = float(rl.masked_mean(values, mask))
-        stats["return_mean"] = float(rl.masked_mean(ret, mask))
+        stats["value_mean"] = dist.global_mean(values, mask)
+        stats["return_mean"] = dist.global_mean(ret, mask)
     return Batch(ro, ref, values, adv, ret), stats
 
 
@@ -506,28 +528,53 @@ def micro_loss(base, cfg: PPOConfig, b: Batch, idx: list[int], beta: float) -> t
 
 def ppo_updates(base, cfg: PPOConfig, b: Batch, optimizer, params: list, step: int, beta: float) -> dict:
     """``ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch,
-    its micro-batches weighted by their share of the mini-batch's valid tokens."""
+    its micro-batches weighted by their share of the mini-batch's valid tokens.
+
+    Under torchrun the shuffling is over the GLOBAL rollout (every rank's rows, in rank
+    order: one permutation, the same on every rank) in mini-batches of ``mini_batch_size x
+    world`` rows; each rank trains its own rows of a mini-batch (none, some or all) in
+    micro-batches of at most ``mini_batch_size / grad_accum``, normalized by the
+    mini-batch's valid tokens on ALL ranks; the gradients are averaged before each step.
+    The logged losses are per mini-batch token means over all ranks, then averaged over the
+    mini-batches: what one process holding the whole rollout computes."""
+    world = dist.world_size()
     N = b.ro.tokens.shape[0]
-    counts = b.ro.mask.sum(1)
-    g = torch.Generator().manual_seed(_seed(cfg, step, 2))
-    acc: dict[str, list[float]] = {}
+    counts_local = b.ro.mask.sum(1).double()
+    per_rank = dist.all_gather_object(counts_local.tolist())  # valid tokens of every row of every rank
+    offset = sum(len(c) for c in per_rank[:dist.rank()])
+    counts = torch.tensor([c for part in per_rank for c in part], dtype=torch.float64)
+    n_global = counts.numel()
+    micro = max(1, cfg.mini_batch_size // cfg.grad_accum)
+    g = torch.Generator().manual_seed(_seed(cfg, step, 2, per_rank=False))
+    sums: list[dict[str, float]] = []  # per mini-batch: stat -> token-weighted sum (this rank's rows)
     norms = []
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(N, generator=g).tolist()
-        for s in range(0, N, cfg.mini_batch_size):
-            mb = perm[s: s + cfg.mini_batch_size]
-            micro = max(1, len(mb) // cfg.grad_accum)
-            parts = [mb[i: i + micro] for i in range(0, len(mb), micro)]
+        perm = torch.randperm(n_global, generator=g).tolist()
+        for s in range(0, n_global, cfg.mini_batch_size * world):
+            mb = perm[s: s + cfg.mini_batch_size * world]
             total = float(counts[mb].sum())
-            for part in parts:
+            mine = [i - offset for i in mb if offset <= i < offset + N]
+            acc: dict[str, float] = {}
+            for j in range(0, len(mine), micro):
+                part = mine[j: j + micro]
+                w = float(counts_local[part].sum())
                 loss, st = micro_loss(base, cfg, b, part, beta)
-                (loss * (float(counts[part].sum()) / total)).backward()
-                for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
+                (loss * (w / total * world)).backward()  # x world: average_gradients divides by it
+                for k, v in st.items():  # every stat is a mean over the part's valid tokens
+                    acc[k] = acc.get(k, 0.0) + v * w
+            acc["__tokens__"] = total
+            sums.append(acc)
+            dist.average_gradients(params)
             norm = lifecycle.optimizer_step(params, optimizer, max_grad_norm=cfg.max_grad_norm)
             if norm is not None:
                 norms.append(norm)
-    out = {k: sum(v) / len(v) for k, v in acc.items()}
+    merged: list[dict[str, float]] = [{} for _ in sums]
+    for part in dist.all_gather_object(sums):
+        for m, acc in zip(merged, part):
+            for k, v in acc.items():
+                m[k] = v if k == "__tokens__" else m.get(k, 0.0) + v
+    keys = sorted({k for m in merged for k in m if k != "__tokens__"})
+    out = {k: sum(m.get(k, 0.0) / m["__tokens__"] for m in merged) / len(merged) for k in keys}
     if norms:
         out["grad_norm"] = sum(norms) / len(norms)
     return out
@@ -626,8 +673,14 @@ def resolve_reward(cfg: PPOConfig) -> tuple[Path | None, Any, str]:
 
 def _mean_score(scorer: Scorer, base, tokenizer, cfg: PPOConfig, items, details) -> float | None:
     """Mean score of the greedy test answers (the PPO reward before/after)."""
+    scores = _test_scores(scorer, base, tokenizer, cfg, items, details)
+    return sum(scores) / len(scores) if scores else None
+
+
+def _test_scores(scorer: Scorer, base, tokenizer, cfg: PPOConfig, items, details) -> list[float]:
+    """The scores of the greedy test answers whose reward did not fail."""
     if not details:
-        return None
+        return []
     # score the greedy outputs as rollouts: prompt + output tokens (+ the stop token)
     eos = tokenizer.eos_token_id
     prompt_ids, seqs = [], []
@@ -644,7 +697,7 @@ def _mean_score(scorer: Scorer, base, tokenizer, cfg: PPOConfig, items, details)
     for s in range(0, len(items), cfg.eval_batch_size):
         sc, ok = scorer(ro.select(list(range(s, min(len(items), s + cfg.eval_batch_size)))))
         scores.extend(sc[ok].tolist())
-    return sum(scores) / len(scores) if scores else None
+    return scores
 
 
 # ------------------------------------------------------------------------ the run
@@ -656,28 +709,39 @@ def ppo(config: PPOConfig | None = None, *, on_step: Callable[[int, dict], bool 
     replace its fields. ``on_step(step, metrics)`` is called after every rollout step;
     returning True stops early (the final evaluation and saving still happen).
     """
-    return lifecycle.start(PPOConfig, config, overrides, "ppo()", _ppo, on_step)
+    # only the main rank logs and writes; every rank rolls out and trains
+    return lifecycle.start(PPOConfig, config, overrides, "ppo()", _ppo, on_step, enabled=dist.is_main())
 
 
 def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
 
+    main, world = dist.is_main(), dist.world_size()
+
     # ---- checks that write nothing
-    resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
-    if resume_from is not None:
-        ckpt.check_resume_config(out, cfg.to_dict())
-    reward_dir, reward_fn, reward_desc = resolve_reward(cfg)
     from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
-    device = resolve_device(cfg.device)
+    def check_inputs():
+        found = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
+        if found is not None:
+            # another number of processes only with the same global batches (per-rank sizes x processes)
+            regrouped = dist.check_resume_world_size(out / ckpt.RUN_FILE, cfg.to_dict(),
+                                                     per_rank=("batch_size", "mini_batch_size"))
+            ckpt.check_resume_config(out, cfg.to_dict(), resumable=ckpt.RESUMABLE_CHANGES | regrouped)
+        reward = resolve_reward(cfg)
+        model_path = resolve_model_path(cfg.model, cfg.cache_dir)
+        if reward[0] is not None:
+            check_same_base(reward[0], model_path)
+        tokenizer = load_tokenizer(model_path)
+        return found, reward, model_path, tokenizer, load_prompts(cfg, tokenizer)
+
+    # Under torchrun a rank that cannot read its inputs ends every rank with its error.
+    resume_from, (reward_dir, reward_fn, reward_desc), model_path, tokenizer, data = dist.agree(
+        check_inputs, "checking the output dir and reading the prompts and rewards")
+    device = dist.local_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    model_path = resolve_model_path(cfg.model, cfg.cache_dir)
-    if reward_dir is not None:
-        check_same_base(reward_dir, model_path)
     lifecycle.preflight_run(out, cfg, model_path, copies=len(_trained_roles(cfg)) + 1)
-    tokenizer = load_tokenizer(model_path)
-    data = load_prompts(cfg, tokenizer)
     prompts = data["prompts"]
     sft_adapter = resolve_sft_adapter(cfg, log)
     if sft_adapter is not None:
@@ -703,27 +767,41 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
         f"{len(prompts)} prompts, reward: {reward_desc}; reference: "
         + (f"frozen SFT adapter {sft_adapter}" if sft_adapter else "the base (adapters off)"))
 
+    def save(root=None, keep=cfg.keep_checkpoints):
+        if world > 1:  # each rank's torch RNG (dropout), so that a resumed run draws what it would have
+            state["rng_per_rank"] = dist.all_gather_object(ckpt.rng_state())
+        state["kl_ctl"] = kl_ctl.state_dict()
+        return ckpt.save_checkpoint(out, step, _Saver(base, roles), optimizer, scheduler, state, keep=keep, root=root)
+
     if resume_from is None:
-        ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path), device=str(device),
-                                                     dtype=str(dtype), reward=reward_desc,
-                                                     sft_adapter=str(sft_adapter) if sft_adapter else None))
-    else:
+        with dist.main_writes() as writer:
+            if writer:
+                ckpt.init_output_dir(out, lifecycle.run_info(
+                    cfg.to_dict(), model_path=str(model_path), device=str(device), dtype=str(dtype),
+                    reward=reward_desc, sft_adapter=str(sft_adapter) if sft_adapter else None, world_size=world))
+    elif main:
         ckpt.clean_stale(out)
     metrics_path = out / "metrics.jsonl"
-    metrics = lifecycle.MetricsWriter(metrics_path, log=log)
+    metrics = lifecycle.MetricsWriter(metrics_path, log=log, enabled=main)
     samples_path = out / "samples.jsonl"
 
     state: dict[str, Any] = {"cursor": 0, "seconds": 0.0, "cpu_seconds": 0.0, "episodes": 0, "tokens": 0,
                              "before": {}, "history": [], "kl_ctl": kl_ctl.state_dict()}
     step = 0
     if resume_from is not None:
-        state.update(load_ppo_checkpoint(resume_from, base, roles, optimizer))
+        # Every rank reads the checkpoint rank 0 wrote (the output dir must be shared).
+        state.update(dist.agree(lambda: load_ppo_checkpoint(resume_from, base, roles, optimizer),
+                                f"loading {resume_from}"))
         kl_ctl.load_state_dict(state["kl_ctl"])
         step = state.pop("step")
-        kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
-        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
-        kept = [m for m in ckpt.read_jsonl(samples_path) if m.get("step", 0) <= step]
-        ckpt.write_text_atomic(samples_path, "".join(ckpt.json_line(m) for m in kept))
+        per_rank = state.pop("rng_per_rank", None)
+        if per_rank is not None and len(per_rank) == world:
+            ckpt.set_rng_state(per_rank[dist.rank()])
+        with dist.main_writes() as writer:
+            if writer:
+                for path in (metrics_path, samples_path):
+                    kept = [m for m in ckpt.read_jsonl(path) if m.get("step", 0) <= step]
+                    ckpt.write_text_atomic(path, "".join(ckpt.json_line(m) for m in kept))
         log(f"resumed from {resume_from} at step {step}/{cfg.max_steps}")
 
     # ---- before
@@ -739,20 +817,22 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
         while step < cfg.max_steps:
             t0, c0 = time.perf_counter(), time.process_time()
             items = []
-            for _ in range(cfg.batch_size):
+            for j in range(cfg.batch_size * world):  # the step's global prompts; this rank's contiguous part
                 epoch, pos = divmod(state["cursor"], len(prompts))
-                order = _prompt_order(len(prompts), cfg.seed, epoch)
-                items.extend([prompts[order[pos]]] * per)
+                if j // cfg.batch_size == dist.rank():
+                    order = _prompt_order(len(prompts), cfg.seed, epoch)
+                    items.extend([prompts[order[pos]]] * per)
                 state["cursor"] += 1
             ro, rst = make_rollout(base, tokenizer, cfg, items, step)
             scores, ok = scorer(ro)
             skipped = int((~ok).sum())
+            keep = _kept_rows(ok, per) if skipped else list(range(len(ok)))
+            if dist.all_sum([not keep])[0]:  # a rank without rows would have nothing to update with
+                log(f"step {step + 1}: every sample's reward failed" + (" on some rank" if world > 1 else "")
+                    + "; rollout skipped")
+                step += 1
+                continue
             if skipped:
-                keep = _kept_rows(ok, per)
-                if not keep:
-                    log(f"step {step + 1}: every sample's reward failed; rollout skipped")
-                    step += 1
-                    continue
                 ro, scores = ro.select(keep), scores[torch.tensor(keep)]
             baseline = None
             if cfg.score_baseline == "greedy":
@@ -763,33 +843,36 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
             beta = kl_ctl.value
             batch, bst = prepare_batch(base, cfg, ro, scores, beta, baseline)
             ust = ppo_updates(base, cfg, batch, optimizer, params, step, beta)
-            kl_ctl.update(bst["kl"], len(ro.texts))
+            # the whole step's counts over every rank: the KL controller sees the global KL and episodes
+            episodes, skipped, truncated, n_tok = (int(v) for v in dist.all_sum(
+                [len(ro.texts), skipped, int(ro.truncated.sum()), rst["rollout_tokens"]]))
+            gen_s = max(dist.all_gather_object(rst["generate_seconds"]))  # the ranks generate at once
+            kl_ctl.update(bst["kl"], episodes)
             step += 1
             dt = time.perf_counter() - t0
             state["seconds"] += dt
             state["cpu_seconds"] += time.process_time() - c0
-            state["episodes"] += len(ro.texts)
-            state["tokens"] += rst["rollout_tokens"]
+            state["episodes"] += episodes
+            state["tokens"] += n_tok
             rec = {"step": step, **bst, **ust, "beta": beta, "skipped": skipped,
-                   "truncated": float(ro.truncated.float().mean()), "episodes_per_second": len(ro.texts) / dt,
-                   "rollout_tokens_per_second": rst["rollout_tokens_per_second"], "step_seconds": dt,
-                   "generate_seconds": rst["generate_seconds"]}
+                   "truncated": truncated / episodes, "episodes_per_second": episodes / dt,
+                   "rollout_tokens_per_second": n_tok / gen_s if gen_s > 0 else None, "step_seconds": dt,
+                   "generate_seconds": gen_s}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 metrics.write(rec)
             state["history"].append({"step": step, "score": rec["score"], "kl": rec["kl"]})
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and main:
                 for i in range(min(3, len(ro.texts))):
                     ckpt.append_jsonl(samples_path, {"step": step, "prompt": ro.prompts[i][-200:],
                                                      "response": ro.texts[i], "score": float(scores[i])})
                 log(f"step {step} sample: {ro.texts[0]!r} -> score {float(scores[0]):.2f}")
             bar.update(step, rec)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                state["kl_ctl"] = kl_ctl.state_dict()
-                lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, _Saver(base, roles), optimizer,
-                                                                      scheduler, state, keep=cfg.keep_checkpoints),
-                                         log=log)
-            if on_step is not None and on_step(step, rec):
-                stopped_early = True
+                lifecycle.try_checkpoint(save, log=log)  # every rank (rank 0 writes)
+            stopped_early = on_step is not None and bool(on_step(step, rec))
+            if world > 1:  # a rank that stops alone would leave the others waiting in the next collective
+                stopped_early = dist.all_sum([stopped_early])[0] > 0
+            if stopped_early:
                 break
     except KeyboardInterrupt:
         lifecycle.report_interrupt(out, step, log)
@@ -799,11 +882,9 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
 
     # ---- after: the policy first, with an emergency checkpoint (every trained role) if it cannot be written
     state["kl_ctl"] = kl_ctl.state_dict()
-    adapter_dir = lifecycle.save_final_adapter(
-        _PolicySaver(base), out, log=log,
-        emergency=lambda root: ckpt.save_checkpoint(out, step, _Saver(base, roles), optimizer, scheduler, state,
-                                                    keep=0, root=root))
-    base.save(out / "roles", roles=roles)
+    adapter_dir = lifecycle.save_final_adapter(_PolicySaver(base), out, log=log,
+                                               emergency=lambda root: save(root, 0))
+    dist.on_main(lambda: base.save(out / "roles", roles=roles), f"writing {out / 'roles'}")
     after = _evaluate(base, tokenizer, cfg, data, scorer, log, "after")
     metrics.write({"step": step, "event": "after", **_flat(after)})
     before = state["before"]
@@ -837,7 +918,10 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
         "total_seconds": time.perf_counter() - t_start,
         "total_cpu_seconds": time.process_time() - cpu_start,
         "adapter": str(adapter_dir),
+        "world_size": world,
     }
+    if not main:
+        return summary
     if after.get("details") is not None:
         ckpt.write_json_atomic(out / "test_outputs.json", after["details"])
     ckpt.write_json_atomic(out / "summary.json", summary)
@@ -896,12 +980,18 @@ def _evaluate(base, tokenizer, cfg: PPOConfig, data: dict, scorer: Scorer, log, 
     if not items:
         return {}
     t0 = time.perf_counter()
+    mine = dist.shard(items)  # under torchrun each rank answers and scores its share
     with base.activate("policy") as model:
-        acc, details = ev.task_accuracy(model, tokenizer, items, parse=data["parse"],
-                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        local = ev.task_accuracy(model, tokenizer, mine, parse=data["parse"], max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.eval_batch_size)[1] if mine else []
+        # general QA: for the summary, which the main rank writes
         general = ev.general_ability(model, tokenizer, batch_size=cfg.eval_batch_size) if (
-            when == "after" and cfg.measure_forgetting) else None
-    reward = _mean_score(scorer, base, tokenizer, cfg, items, details)
+            when == "after" and cfg.measure_forgetting and dist.is_main()) else None
+    scores = _test_scores(scorer, base, tokenizer, cfg, mine, local)
+    total, n = dist.all_sum([sum(scores), len(scores)])
+    details = dist.gather_in_order(local, len(items))
+    acc = sum(d["correct"] for d in details) / len(details)
+    reward = total / n if n else None
     res = {"accuracy": acc, "reward": reward, "seconds": time.perf_counter() - t0, "details": details}
     if general is not None:
         res["general_qa"] = general["qa_accuracy"]

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
-from .config import SFTConfig, SCHEDULERS, OPTIMIZERS, DTYPES
+from .config import SFTConfig, SCHEDULERS, OPTIMIZERS, DTYPES, PARALLEL
 
 # Options whose default depends on the task (fields left at None, see RewardConfig.resolved).
 GENERIC = {"lr": 1e-4, "max_steps": 0, "eval_max_examples": 0}
@@ -82,6 +82,8 @@ class RewardConfig:
     epochs: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
+    # under torchrun: ddp = every rank holds the 4-bit base; fsdp = FSDP2 shards base and adapter
+    parallel: str = "ddp"
 
     # --- evaluation ---
     eval_every: int = 0
@@ -113,6 +115,7 @@ class RewardConfig:
         self._check_choice("scheduler", SCHEDULERS)
         self._check_choice("optimizer", OPTIMIZERS)
         self._check_choice("dtype", DTYPES)
+        self._check_choice("parallel", PARALLEL)
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -231,9 +234,22 @@ def pairwise_metrics(rc: torch.Tensor, rr: torch.Tensor, kinds: list[str | None]
     return out
 
 
-def _evaluate(base, items, pad_id, cfg) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    rc, rr = score_pairs(base, items, pad_id, batch_size=cfg.eval_batch_size,
-                         shared=not cfg.gradient_checkpointing)
+def _evaluate(base, items, pad_id, cfg, fsdp: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Pairwise metrics and the (chosen, rejected) scores of ``items``, in their order. Under
+    torchrun each rank scores its share (``distributed.shard``) and the scores are gathered
+    back in order. Under FSDP the ranks must run the same forwards: every share is padded to
+    the largest with copies of the first pair (scored, then dropped), and every batch runs
+    whole sequences (the shared-prompt path runs two forwards, on batches that differ by rank)."""
+    from . import distributed as dist
+
+    mine = dist.shard(items)
+    n = len(mine)
+    if fsdp:
+        mine = mine + [items[0]] * (math.ceil(len(items) / dist.world_size()) - n)
+    rc, rr = score_pairs(base, mine, pad_id, batch_size=cfg.eval_batch_size,
+                         shared=not cfg.gradient_checkpointing and not fsdp)
+    pairs = dist.gather_in_order(list(zip(rc[:n].tolist(), rr[:n].tolist())), len(items))
+    rc, rr = torch.tensor([c for c, _ in pairs]), torch.tensor([r for _, r in pairs])
     return pairwise_metrics(rc, rr, [it.get("kind") for it in items]), rc, rr
 
 
@@ -250,9 +266,9 @@ class _RewardSaver:
 
 
 def _load_checkpoint(path: Path, base, optimizer, scheduler) -> dict:
-    problem = ckpt.verify_checkpoint(path)  # checksums first: a damaged file is named, never half-loaded
-    if problem is not None:
-        raise ckpt.CheckpointError(path, problem)
+    ckpt.check_checkpoint(path)  # checksums first: a damaged file is named, never half-loaded
+    if ckpt.is_sharded_checkpoint(path):  # an FSDP run's: adapter and head come from the shards
+        return ckpt.load_training_state(path, optimizer, scheduler, verify=False, module=base)
     base.load_sequence_classification("reward", path / "adapter")  # shapes checked, file named
     return ckpt.load_training_state(path, optimizer, scheduler, verify=False)
 
@@ -264,13 +280,16 @@ def reward(config: RewardConfig | None = None, *, on_step: Callable[[int, dict],
 
     ``on_step(step, metrics)`` runs after every optimizer step; returning True stops early.
     """
+    from . import distributed as dist
     from . import run as lifecycle
 
-    return lifecycle.start(RewardConfig, config, overrides, "reward()", _reward, on_step)
+    # only the main rank logs and writes; every rank trains
+    return lifecycle.start(RewardConfig, config, overrides, "reward()", _reward, on_step, enabled=dist.is_main())
 
 
 def _reward(cfg: RewardConfig, log, on_step) -> dict:
     from ..rl.math import reward_loss
+    from . import distributed as dist
     from . import run as lifecycle
     from .data import batch_order
     from .pairs import encode_pairs
@@ -278,17 +297,26 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.output_dir)
+    main, world = dist.is_main(), dist.world_size()
 
     # ---- checks that write nothing
-    resume_from = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
-    if resume_from is not None:
-        ckpt.check_resume_config(out, cfg.to_dict())
-    data = load_data(cfg)
-    if cfg.init_adapter and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"init_adapter {cfg.init_adapter!r} is not a PEFT adapter dir (no adapter_config.json)")
+    def check_inputs():
+        found = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
+        if found is not None:
+            # another number of processes only with the same global batch (batch_size x processes)
+            regrouped = dist.check_resume_world_size(out / ckpt.RUN_FILE, cfg.to_dict())
+            ckpt.check_resume_config(out, cfg.to_dict(), resumable=ckpt.RESUMABLE_CHANGES | regrouped)
+        loaded = load_data(cfg)
+        if cfg.init_adapter and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"init_adapter {cfg.init_adapter!r} is not a PEFT adapter dir (no "
+                                    "adapter_config.json)")
+        return found, loaded
+
+    # Under torchrun a rank that cannot read its inputs ends every rank with its error.
+    resume_from, data = dist.agree(check_inputs, "checking the output dir and reading the data")
     from .model import load_base, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
-    device = resolve_device(cfg.device)
+    device = dist.local_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = resolve_model_path(cfg.model, cfg.cache_dir)
     lifecycle.preflight_run(out, cfg, model_path)
@@ -306,13 +334,17 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
         log(f"held-out pairs: {eval_stats}")
     if cfg.eval_every and not eval_items:
         raise ValueError("eval_every needs held-out pairs: set eval_data or eval_split > 0")
-    micro_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    # batch_size is per rank: a step's global batch holds batch_size * world pairs (see distributed.py)
+    micro_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     # ---- model: one 4-bit base, the reward role
     from ..rl.base import SharedBase
 
-    lm = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype, device=device)
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    # FSDP: load (and quantize) in host memory; fully_shard moves one unit at a time to the device
+    lm = load_base(model_path, load_in_4bit=cfg.load_in_4bit, dtype=dtype,
+                   device=torch.device("cpu") if fsdp else device, quant_storage=dtype if fsdp else torch.uint8)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
@@ -323,33 +355,51 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
     else:
         base.add_role("reward", r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, seed=cfg.seed)
-    params = base.trainable_parameters(["reward"])
-    shared = not cfg.gradient_checkpointing  # checkpointing turns the prompt cache off
+    # The roles run through the decoder (no logits): it is FSDP's root; the head stays whole
+    # on every rank and its gradient is averaged with the others' (distributed.average_gradients).
+    sync = dist.wrap_fsdp(base.lm, root=base.lm.get_decoder()).get_decoder() if fsdp else base
+    base.heads.to(device)  # under FSDP the base was loaded on the host; fully_shard moved its units
+    params = base.trainable_parameters(["reward"])  # after sharding: FSDP swaps in its DTensor parameters
+    # checkpointing turns the prompt cache off; FSDP needs one forward per micro-batch (see _evaluate)
+    shared = not cfg.gradient_checkpointing and not fsdp
     optimizer = make_optimizer(cfg, params, device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
+    sharded = base if cfg.parallel == "fsdp" else None  # parallel='fsdp' checkpoints hold DCP shards
+
+    def save(root=None, keep=cfg.keep_checkpoints):
+        return ckpt.save_checkpoint(out, step, _RewardSaver(base), optimizer, scheduler, state, keep=keep,
+                                    root=root, sharded=sharded)
 
     # ---- the output dir is created only now that every input checked out
     if resume_from is None:
-        ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path), device=str(device),
-                                                     dtype=str(dtype), total_steps=total_steps, task=data["task"]))
-    else:
+        with dist.main_writes() as writer:
+            if writer:
+                ckpt.init_output_dir(out, lifecycle.run_info(cfg.to_dict(), model_path=str(model_path),
+                                                             device=str(device), dtype=str(dtype),
+                                                             total_steps=total_steps, task=data["task"],
+                                                             world_size=world))
+    elif main:
         ckpt.clean_stale(out)
     metrics_path = out / "metrics.jsonl"
-    metrics = lifecycle.MetricsWriter(metrics_path, log=log)
+    metrics = lifecycle.MetricsWriter(metrics_path, log=log, enabled=main)
     state: dict[str, Any] = {"micro": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
                              "before": {}, "before_scores": None, "history": []}
     step = 0
     if resume_from is not None:
-        state.update(_load_checkpoint(resume_from, base, optimizer, scheduler))
+        # Every rank reads the checkpoint rank 0 wrote (the output dir must be shared).
+        state.update(dist.agree(lambda: _load_checkpoint(resume_from, base, optimizer, scheduler),
+                                f"loading {resume_from}"))
         step = state.pop("step")
         kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
-        ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
+        with dist.main_writes() as writer:
+            if writer:
+                ckpt.write_text_atomic(metrics_path, "".join(ckpt.json_line(m) for m in kept))
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
 
     # ---- before training
     if resume_from is None and eval_items:
         t_eval = time.perf_counter()
-        before, rc0, rr0 = _evaluate(base, eval_items, pad_id, cfg)
+        before, rc0, rr0 = _evaluate(base, eval_items, pad_id, cfg, fsdp)
         before["seconds"] = time.perf_counter() - t_eval
         state["before"] = before
         state["before_scores"] = {"chosen": rc0.tolist(), "rejected": rr0.tolist()}
@@ -365,22 +415,32 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
             batches = []
             for _ in range(cfg.grad_accum):
                 epoch, pos = divmod(state["micro"], micro_per_epoch)
-                idx = batch_order(len(train_items), cfg.batch_size, seed=cfg.seed, epoch=epoch)[pos]
-                batches.append([train_items[i] for i in idx])
+                idx = batch_order(len(train_items), cfg.batch_size * world, seed=cfg.seed, epoch=epoch)[pos]
+                batches.append(([train_items[i] for i in dist.shard_indices(idx, cfg.batch_size)], idx))
                 state["micro"] += 1
-            n_total = sum(len(b) for b in batches)
+            n_total = sum(len(idx) for _, idx in batches)  # the step's pairs on every rank: known to all
             loss_sum, correct, margin_sum, tokens = 0.0, 0, 0.0, 0
-            for items in batches:
-                rc, rr, n_tok = pair_scores(base, items, pad_id, device, shared=shared)
-                margin = torch.tensor([float(it["margin"]) for it in items], device=device)
-                loss = reward_loss(rc, rr, margin, center=cfg.center)
-                # mean over the micro-batch's pairs x its share of the step's pairs = mean over all
-                (loss * (len(items) / n_total)).backward()
-                loss_sum += float(loss.detach()) * len(items)
-                diff = (rc - rr).detach().float()
-                correct += int((diff > 0).sum())
-                margin_sum += float(diff.sum())
-                tokens += n_tok
+            for i, (items, idx) in enumerate(batches):
+                if not items and not fsdp:
+                    continue  # a short last batch left this rank nothing: it adds zeros to the average
+                # FSDP: every rank runs every forward; one left without pairs scores a filler, weight 0
+                run = items or [train_items[idx[0]]]
+                with dist.grad_sync(sync, i == len(batches) - 1):
+                    rc, rr, n_tok = pair_scores(base, run, pad_id, device, shared=shared)
+                    margin = torch.tensor([float(it["margin"]) for it in run], device=device)
+                    loss = reward_loss(rc, rr, margin, center=cfg.center)
+                    # mean over the micro-batch's pairs x its share of the step's pairs (all ranks) =
+                    # mean over the global batch; x world: the gradients are averaged over the ranks
+                    (loss * (len(items) / n_total * world)).backward()
+                if items:
+                    loss_sum += float(loss.detach()) * len(items)
+                    diff = (rc - rr).detach().float()
+                    correct += int((diff > 0).sum())
+                    margin_sum += float(diff.sum())
+                    tokens += n_tok
+            dist.average_gradients(params)
+            loss_sum, correct, margin_sum, tokens = dist.all_sum([loss_sum, correct, margin_sum, tokens])
+            correct, tokens = int(correct), int(tokens)
             lr = scheduler.get_last_lr()[0]
             grad_norm = lifecycle.optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm)
             step += 1
@@ -398,14 +458,15 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
             state["history"].append({"step": step, "loss": rec["loss"]})
             bar.update(step, rec)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                m, _, _ = _evaluate(base, eval_items, pad_id, cfg)
+                m, _, _ = _evaluate(base, eval_items, pad_id, cfg, fsdp)
                 metrics.write({"step": step, "event": "eval", **_flat(m)})
                 log(f"step {step} held-out pairwise accuracy {m['accuracy']:.1%}, mean margin {m['mean_margin']:.3f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, _RewardSaver(base), optimizer,
-                                                                      scheduler, state, keep=cfg.keep_checkpoints),
-                                         log=log)
-            if on_step is not None and on_step(step, rec):
+                lifecycle.try_checkpoint(save, log=log)  # every rank: FSDP's ranks each write their shards
+            stop = on_step is not None and bool(on_step(step, rec))
+            if world > 1:  # a rank that stops alone would leave the others waiting in the next collective
+                stop = dist.all_sum([stop], device)[0] > 0
+            if stop:
                 break
     except KeyboardInterrupt:
         lifecycle.report_interrupt(out, step, log)
@@ -414,24 +475,15 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
         bar.close()
 
     # ---- after training: the reward model first, with an emergency checkpoint if it cannot be written
-    adapter_dir = lifecycle.save_final_adapter(
-        _RewardSaver(base), out, log=log,
-        emergency=lambda root: ckpt.save_checkpoint(out, step, _RewardSaver(base), optimizer, scheduler, state,
-                                                    keep=0, root=root))
+    adapter_dir = lifecycle.save_final_adapter(_RewardSaver(base), out, log=log, sharded=base if fsdp else None,
+                                               emergency=lambda root: save(root, 0))
     log(f"reward model saved to {adapter_dir}")
     after: dict[str, Any] = {}
     if eval_items:
         t_eval = time.perf_counter()
-        after, rc1, rr1 = _evaluate(base, eval_items, pad_id, cfg)
+        after, rc1, rr1 = _evaluate(base, eval_items, pad_id, cfg, fsdp)
         after["seconds"] = time.perf_counter() - t_eval
         metrics.write({"step": step, "event": "after", **_flat(after)})
-        ckpt.write_json_atomic(out / "scores.json", {"before": state.get("before_scores"),
-                                                     "after": {"chosen": rc1.tolist(), "rejected": rr1.tolist()}})
-        try:
-            plot_scores(state.get("before_scores"), {"chosen": rc1.tolist(), "rejected": rr1.tolist()},
-                        out / "scores.png")
-        except Exception as e:  # a plot must never lose a finished run
-            log(f"could not draw the score histogram: {e}")
     before = state["before"]
     summary = {
         "task": data["task"],
@@ -461,7 +513,19 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
         "total_seconds": time.perf_counter() - t_start,
         "total_cpu_seconds": time.process_time() - cpu_start,
         "adapter": str(adapter_dir),
+        "world_size": world,
+        "parallel": cfg.parallel if world > 1 else None,
     }
+    if not main:
+        return summary
+    if eval_items:
+        ckpt.write_json_atomic(out / "scores.json", {"before": state.get("before_scores"),
+                                                     "after": {"chosen": rc1.tolist(), "rejected": rr1.tolist()}})
+        try:
+            plot_scores(state.get("before_scores"), {"chosen": rc1.tolist(), "rejected": rr1.tolist()},
+                        out / "scores.png")
+        except Exception as e:  # a plot must never lose a finished run
+            log(f"could not draw the score histogram: {e}")
     ckpt.write_json_atomic(out / "summary.json", summary)
     try:
         plot_curve(metrics_path, out / "curve.png", title="fastlora rm")

@@ -6,6 +6,11 @@ resumes from its last checkpoint when it has one). The run ends with one table: 
 test accuracy and general-QA retention after each stage, the reward model's held-out
 pairwise accuracy, and the PPO reward (mean score of the greedy test answers) before
 and after.
+
+Under torchrun (``torchrun --nproc_per_node N -m fastlora rlhf``) every stage runs
+distributed: SFT, the reward model and PPO each follow ``distributed.py``'s conventions.
+The main rank decides which stages are done and tells the others, and every rank waits at
+the end of a stage, so that the next one reads the files the last one wrote.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 
 
 def _summary(d: Path) -> dict | None:
@@ -33,7 +39,7 @@ def _resume(d: Path) -> bool:
 def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progress: bool = True) -> dict:
     """Run (or skip) the three stages and return {"sft", "rm", "ppo", "table"}."""
     runs = Path(runs_dir)
-    log = print if progress else (lambda *_: None)
+    log = print if progress and dist.is_main() else (lambda *_: None)
     out: dict[str, Any] = {}
     sft_dir, rm_dir, ppo_dir = runs / "sft", runs / "rm", runs / "ppo"
 
@@ -61,15 +67,16 @@ def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progres
     stages = (("sft", "SFT", sft_dir, run_sft), ("rm", "reward model", rm_dir, run_rm),
               ("ppo", "PPO", ppo_dir, run_ppo))
     for i, (key, name, d, run) in enumerate(stages, 1):
-        out[key] = _summary(d)
+        out[key] = dist.on_main(lambda: _summary(d), f"reading {d / 'summary.json'}")
         if out[key] is None:
             log(f"== stage {i}/3: {name} -> {d}")
             out[key] = run()
+            dist.barrier()  # the stage's files (rank 0 writes them last) before the next stage reads them
         else:
             log(f"== stage {i}/3: {name}: done ({d / 'summary.json'})")
 
     out["table"] = table(out["sft"], out["rm"], out["ppo"])
-    if progress:
+    if progress and dist.is_main():
         print_table(out["table"])
     return out
 

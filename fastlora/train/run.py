@@ -34,6 +34,7 @@ What each piece guarantees:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -104,13 +105,34 @@ def optimizer_step(params, optimizer, scheduler=None, max_grad_norm: float = 0.0
 
     grad_norm = None
     if max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = clip_grad_norm(params, max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_``, also over a mix of FSDP2 shards and whole tensors
+    (the reward model under FSDP: sharded LoRA, a replicated head), which torch's one call
+    cannot stack: the norm of each kind, then the norm of the two, then one clip factor."""
+    import torch
+
+    from .distributed import is_shard
+
+    params = [p for p in params if p.grad is not None]
+    shards = [p for p in params if is_shard(p)]
+    if not shards or len(shards) == len(params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    plain = [p for p in params if not is_shard(p)]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in (shards, plain)]
+    norms = [float(n.full_tensor() if hasattr(n, "full_tensor") else n) for n in norms]  # the shards': all ranks
+    total = torch.tensor(norms, dtype=torch.float64).norm().float()
+    for group in (shards, plain):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
 
 
 def _warn(msg: str) -> None:
@@ -336,17 +358,30 @@ def preflight(output_dir: str | os.PathLike, *, need_bytes: int = 0, why: str = 
 # ------------------------------------------------------------- saving at the end
 def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
                        emergency: Callable[[Path], Path] | None = None, name: str = "adapter",
-                       state_dict: dict | None = None) -> Path:
+                       state_dict: dict | None = None, sharded=None) -> Path:
     """Write ``output_dir/<name>`` atomically. If the environment refuses (full disk, read-only,
     permission), the trained weights are not lost: ``emergency(checkpoints_root)`` (a trainer's
     ``save_checkpoint(..., root=root, keep=0)``) writes an emergency checkpoint into the run's
     ``checkpoints/``, else into :func:`rescue_dir`, and :class:`FinalSaveFailed` says where it went
     and that ``--resume`` finishes the run. Without ``emergency`` the adapter alone goes to the
-    rescue dir."""
+    rescue dir.
+
+    Under torchrun EVERY rank calls it: the main rank writes, the others wait, and a failure
+    ends the same way on every rank; ``emergency`` is then called on every rank (a sharded
+    checkpoint is a collective; ``checkpoint.save_checkpoint`` is safe to call on all).
+    ``sharded``: the FSDP2-sharded module whose trainable parameters ``model`` saves; they
+    are gathered on every rank around the write (:func:`distributed.gathered`)."""
+    from . import distributed as dist
+
     out = Path(output_dir)
     target = out / name
+
+    def write(where: Path) -> Path:
+        with dist.gathered(sharded) if sharded is not None else contextlib.nullcontext():
+            return dist.on_main(lambda: ckpt.save_adapter(model, where, state_dict=state_dict), f"writing {where}")
+
     try:
-        return ckpt.save_adapter(model, target, state_dict=state_dict)
+        return write(target)
     except Exception as e:
         err = environment_error(e, target)
         if err is None:
@@ -359,10 +394,10 @@ def save_final_adapter(model, output_dir: str | os.PathLike, *, log=None,
         try:
             if emergency is not None:
                 saved = emergency(root) / "adapter"
-                if root != out / CHECKPOINTS:
+                if root != out / CHECKPOINTS and dist.is_main():
                     _write_rescue_marker(out, root)
             else:
-                saved = ckpt.save_adapter(model, root / name, state_dict=state_dict)
+                saved = write(root / name)
         except Exception as e2:
             e2env = environment_error(e2, root)
             if e2env is None:

@@ -171,8 +171,9 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     def check_inputs():
         found = ckpt.check_output_dir(out, resume=cfg.resume, log=log.warn)
         if found is not None:
-            ckpt.check_resume_config(out, cfg.to_dict())
-            dist.check_resume_world_size(out / ckpt.RUN_FILE)
+            # another number of processes only with the same global batch (batch_size x processes)
+            regrouped = dist.check_resume_world_size(out / ckpt.RUN_FILE, cfg.to_dict())
+            ckpt.check_resume_config(out, cfg.to_dict(), resumable=ckpt.RESUMABLE_CHANGES | regrouped)
         return found, load_data(cfg)
 
     # Under torchrun a rank that cannot read its inputs ends every rank with its error.
@@ -221,9 +222,6 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
 
     world = dist.world_size()
     fsdp = world > 1 and cfg.parallel == "fsdp"
-    if fsdp and (cfg.save_every or resume_from is not None):
-        raise ValueError("checkpoints (save_every, resume) with parallel='fsdp' are not supported yet (sharded "
-                         "optimizer state); use parallel='ddp' to checkpoint and resume")
     # batch_size is per rank: a step's global batch holds batch_size * world rows (see distributed.py).
     micro_per_epoch = math.ceil(len(rows) / (cfg.batch_size * world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
@@ -246,6 +244,13 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
+    # parallel='fsdp' checkpoints hold DCP shards (on any number of processes, so that one
+    # run's checkpoints always have one kind and resume on another number of processes)
+    sharded = model if cfg.parallel == "fsdp" else None
+
+    def save(root=None, keep=cfg.keep_checkpoints, trainer=None):
+        return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, trainer or state, keep=keep, root=root,
+                                    sharded=sharded)
 
     # ---- the output dir is created only now that every input checked out
     if resume_from is None:
@@ -271,8 +276,11 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
         step = state.pop("step")
         stopped_early = bool(state.pop("stopped_early", False))  # set in emergency checkpoints
         per_rank = state.pop("rng_per_rank", None)
-        if per_rank is not None:
+        if per_rank is not None and len(per_rank) == world:
             ckpt.set_rng_state(per_rank[dist.rank()])
+        elif per_rank is not None and cfg.lora_dropout > 0:
+            log.warn(f"resuming on {world} process(es) a run checkpointed on {len(per_rank)}: the dropout masks "
+                     f"from here on differ from an uninterrupted run's")
         # Drop what the interrupted run logged after its last checkpoint: those steps run again.
         kept = [m for m in ckpt.read_jsonl(metrics_path) if m.get("step", 0) <= step]
         with dist.main_writes() as writer:
@@ -354,11 +362,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 if world > 1:  # each rank's dropout stream, so that a resumed run draws what it would have
                     state["rng_per_rank"] = dist.all_gather_object(ckpt.rng_state())
-                with dist.main_writes() as writer:
-                    if writer:
-                        lifecycle.try_checkpoint(lambda: ckpt.save_checkpoint(out, step, model, optimizer, scheduler,
-                                                                              state, keep=cfg.keep_checkpoints),
-                                                 log=log)
+                lifecycle.try_checkpoint(save, log=log)  # every rank: FSDP's ranks each write their shards
             if on_step is not None and on_step(step, rec):
                 stopped_early = True
             if world > 1:  # a rank that stops alone would leave the others waiting in the next all-reduce
@@ -380,14 +384,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
 
     # ---- after training: the adapter first, with an emergency checkpoint if it cannot be written
     final_state = {**state, "stopped_early": stopped_early}
-    full = dist.full_trainable_state(model) if fsdp else None  # gathered on every rank, saved by rank 0
-    adapter_dir = out / "adapter"
-    with dist.main_writes() as writer:
-        if writer:
-            adapter_dir = lifecycle.save_final_adapter(
-                model, out, log=log, state_dict=full,
-                emergency=lambda root: ckpt.save_checkpoint(out, step, model, optimizer, scheduler, final_state,
-                                                            keep=0, root=root))
+    # every rank: under FSDP the adapter is gathered from the shards (rank 0 writes it once, in
+    # PEFT's format) and an emergency checkpoint is a collective
+    adapter_dir = lifecycle.save_final_adapter(model, out, log=log, sharded=model if fsdp else None,
+                                               emergency=lambda root: save(root, 0, final_state))
     log(f"adapter saved to {adapter_dir}; evaluating after training")
     t_eval = time.perf_counter()
     final = _evaluate(model, tokenizer, eval_ex, [], None, cfg, "loss", step, shard_eval) if eval_ex else {}

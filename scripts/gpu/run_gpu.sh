@@ -11,12 +11,14 @@
 #   smoke.json      scripts/gpu/smoke.py: every kernel once vs its reference, then timings
 #   junit.xml       the kernel tests (pytest --junitxml)
 #   bench.json      the benchmark results (areas merged as each finishes), bench.md its tables
+#   two_gpu.json    scripts/gpu/two_gpu.py: the trainers under torchrun on 2 GPUs (only with 2 GPUs)
 #   logs.tar.gz     every step's log, re-packed after each step
 #
 # Order: environment; carried wheels; the C++/CUDA extension build started in the
 # BACKGROUND (the Triton steps do not need it; the steps that do wait for it only as long
 # as their own budget allows); the 60-90 s smoke script; the kernel tests with the fused
-# GEMM's autotuning restricted to one config (pytest --triton-autotune one); then the
+# GEMM's autotuning restricted to one config (pytest --triton-autotune one); on a host with 2
+# GPUs, the distributed trainers (NCCL, FSDP2 over 4-bit, FSDP checkpoints); then the
 # benchmark areas one at a time.
 #
 #   scripts/gpu/run_gpu.sh [--deadline S] [--python PY] [--areas nf4,lora_linear,...]
@@ -60,6 +62,19 @@ publish() {  # everything so far into $OUT: cheap, so after every step
   tar -czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
 
+# The distributed trainers need 2 GPUs; with fewer the step is a note, never a failure.
+two_gpu_step() {
+  local n
+  n=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "${n:-0}" -ge 2 ] 2>/dev/null; then
+    step two-gpu 180 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 scripts/gpu/two_gpu.py \
+      --out "$OUT/two_gpu.json"
+  else
+    note "two-gpu: SKIPPED, ${n:-0} GPU(s) here (it needs 2)"
+    publish
+  fi
+}
+
 # step NAME WANT_S MIN_S CMD...: run CMD with a budget of min(WANT_S, time left); skip it
 # with a note when less than MIN_S is left. Never aborts the run.
 step() {
@@ -96,6 +111,7 @@ if [ "$DRY" = 1 ]; then
   # time than is left before the deadline: skipped with a note
   step bench-overrun 10 5 "$PY" -c "import time; time.sleep(3600)"
   step bench-after-deadline 60 "$((DEADLINE + 1))" "$PY" -c "print('never runs')"
+  two_gpu_step  # no GPU here: a note
   note "run_gpu.sh: done in $((SECONDS - T0)) s, exit status $STATUS"
   publish
   exit "$STATUS"
@@ -153,6 +169,9 @@ step extension 20 5 "$PY" -c "import fastlora._C as c; assert c.with_cuda, 'buil
 step tests 240 60 "$PY" -m pytest -q -p no:cacheprovider -x --triton-autotune one --junitxml "$OUT/junit.xml" \
   tests/test_nf4.py tests/test_lora_linear.py tests/test_cross_entropy.py tests/test_linear_cross_entropy.py \
   tests/test_token_logprobs.py
+
+# issue 26's first multi-GPU evidence, before the benchmarks (which have their own deadline)
+two_gpu_step
 
 # benchmark areas, one at a time; each merged into the day's results file and published
 IFS=, read -ra area_list <<< "$AREAS"

@@ -5,13 +5,20 @@ tests/train/test_distributed.py: ``python -m torch.distributed.run --standalone
 SPEC is a list of scenarios run in order in the same process group:
 
 * ``{"cfg": {...}}``: ``fastlora.train.sft`` with these SFTConfig options;
+  ``{"trainer": "rm", "cfg": {...}}``: ``fastlora.train.reward`` (RewardConfig);
+  ``{"trainer": "ppo", "cfg": {...}, "fixed_rollouts": true}``: ``fastlora.train.ppo``
+  (PPOConfig), with :func:`fixed_rollout` in place of the sampled rollouts when asked;
 * ``{"cfg": {...}, "die_at": k, "die_rank": r}``: the same, but rank r dies (``os._exit``,
   no cleanup, as a killed process) after optimizer step k; torchrun then ends the others;
+  ``"stop_at": k`` instead: every rank raises KeyboardInterrupt after step k (Ctrl-C: the
+  run ends with its last checkpoint) and the next scenario runs;
 * ``{"step": dir, "out": file}``: one forward/backward of :func:`qlora_step` on the tiny
   untied Llama in ``dir``, sharded with FSDP2 (lm_head its own unit); rank 0 saves the loss
   and the gathered LoRA gradients to ``out``;
 * ``{"moments": file}``: ``distributed.global_mean_var`` of :func:`moments_data`, rank 0
   holding its first 4 rows and rank 1 the other 3 (unequal shares); rank 0 saves the result;
+* ``{"rlhf": dir, "small": {"sft": {...}, "rm": {...}, "ppo": {...}}}``: ``fastlora.train.rlhf``
+  into ``dir``, each stage's config (the embedded defaults) overridden with these options;
 * ``{"cli": [...], "cli_rank": {"1": [...]}}``: ``fastlora.cli.main`` with these
   arguments (rank 1 may get others, e.g. a bad data file); the process exits with its code.
 """
@@ -59,6 +66,96 @@ def qlora_step(model_dir: str, *, fsdp: bool) -> dict:
     return {"loss": loss, "grads": grads}
 
 
+def fixed_rollout(base, tokenizer, cfg, items, step, temperature=None):
+    """A stand-in for ``ppo.make_rollout`` whose responses depend on the prompt, the sample's
+    place in its group and the step only, never on the batch or the rank: 2 ranks x b
+    prompts and 1 process x 2b then train on the same rollouts (sampled ones differ, since
+    each rank draws its own stream). 1 to max_new_tokens tokens from a hash, ended by the
+    eos token when the hash says so (else truncated); the old log-probs are the policy's
+    own, in eval mode without grad, as the decode gives them."""
+    import zlib
+
+    import torch
+
+    from fastlora.train.ppo import Rollout, build_rollout, response_logprobs
+
+    seqs, truncated, member = [], [], 0
+    for i, it in enumerate(items):
+        member = member + 1 if i and items[i - 1] is it else 0  # a GRPO group repeats one prompt object
+        h = zlib.crc32(f"{it.prompt}|{step}|{member}|{temperature}".encode())
+        n = 1 + h % cfg.max_new_tokens
+        toks = [3 + (h >> (3 * j + 4)) % (len(tokenizer) - 3) for j in range(n)]
+        stopped = n < cfg.max_new_tokens or (h >> 30) & 1
+        if stopped:
+            toks[-1] = tokenizer.eos_token_id
+        seqs.append(torch.tensor(toks))
+        truncated.append(not stopped)
+    prompt_ids = [list(tokenizer(it.prompt, add_special_tokens=it.special_tokens)["input_ids"]) for it in items]
+    ids, attn, P, tokens, mask, old = build_rollout(prompt_ids, seqs, [torch.zeros(len(q)) for q in seqs],
+                                                    tokenizer.pad_token_id)
+    keys = sorted({k for it in items for k in it.columns})
+    ro = Rollout(ids, attn, P, tokens, mask, old, [it.prompt for it in items],
+                 [tokenizer.decode(q, skip_special_tokens=True) for q in seqs], torch.tensor(truncated),
+                 {k: [it.columns.get(k) for it in items] for k in keys}, [not it.special_tokens for it in items])
+    was = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            ro.old_logp = (response_logprobs(base, "policy", ro) * ro.mask.to(ids.device)).float().cpu()
+    finally:
+        base.train(was)
+    n_tok = int(mask.sum())
+    return ro, {"generate_seconds": 0.0, "rollout_tokens": n_tok, "rollout_tokens_per_second": None,
+                "prompts_truncated": 0}
+
+
+def run_trainer(sc: dict, on_step=None):
+    """The trainer a scenario names, with its config (and fixed rollouts for PPO if asked)."""
+    from fastlora.train import SFTConfig, sft
+
+    kind = sc.get("trainer", "sft")
+    if kind == "rm":
+        from fastlora.train.reward import RewardConfig, reward
+
+        return reward(RewardConfig(**sc["cfg"]), on_step=on_step)
+    if kind == "ppo":
+        import fastlora.train.ppo as ppo_mod
+        from fastlora.train.ppo_config import PPOConfig
+
+        real = ppo_mod.make_rollout
+        if sc.get("fixed_rollouts"):
+            ppo_mod.make_rollout = fixed_rollout
+        try:
+            return ppo_mod.ppo(PPOConfig(**sc["cfg"]), on_step=on_step)
+        finally:
+            ppo_mod.make_rollout = real
+    return sft(SFTConfig(**sc["cfg"]), on_step=on_step)
+
+
+def run_rlhf(runs_dir: str, small: dict) -> None:
+    """``fastlora.train.rlhf`` with every stage's config overridden by ``small[stage]`` (a
+    tiny model, few steps): the three trainers are looked up when a stage starts."""
+    import dataclasses
+    import importlib
+
+    from fastlora.train.rlhf import rlhf
+
+    # the modules (fastlora.train's own attribute `sft` is the function of the same name)
+    mods = {k: importlib.import_module(f"fastlora.train.{m}") for k, m in (("sft", "sft"), ("rm", "reward"),
+                                                                          ("ppo", "ppo"))}
+    real = {"sft": (mods["sft"], "sft"), "rm": (mods["rm"], "reward"), "ppo": (mods["ppo"], "ppo")}
+    saved = {k: getattr(mod, name) for k, (mod, name) in real.items()}
+    for k, (mod, name) in real.items():
+        # dataclasses.replace, not the trainers' **overrides: those round-trip the config through
+        # from_dict, which turns target_modules="all-linear" into ["all-linear"] (then refused)
+        setattr(mod, name, lambda cfg, _f=saved[k], _o=small[k], **kw: _f(dataclasses.replace(cfg, **_o), **kw))
+    try:
+        rlhf(runs_dir, progress=False)
+    finally:
+        for k, (mod, name) in real.items():
+            setattr(mod, name, saved[k])
+
+
 def moments_data():
     """(x, mask): 7 rows of odd length with a ragged mask, values far from 0 (a cancelling
     E[x²] - E[x]² would lose digits)."""
@@ -102,7 +199,7 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
         from fastlora.cli import main as cli_main
 
         return cli_main(sc.get("cli_rank", {}).get(str(rank), sc["cli"]))
-    from fastlora.train import SFTConfig, distributed, sft
+    from fastlora.train import distributed
 
     distributed.setup(local_rank=int(os.environ["LOCAL_RANK"]))
     if "moments" in sc:
@@ -111,6 +208,9 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
         res = distributed.global_mean_var(x[rows], mask[rows])
         if rank == 0:
             torch.save(res, sc["moments"])
+        return None
+    if "rlhf" in sc:
+        run_rlhf(sc["rlhf"], sc["small"])
         return None
     if "step" in sc:
         res = qlora_step(sc["step"], fsdp=True)
@@ -121,8 +221,14 @@ def _scenario(sc: dict, rank: int, torch) -> int | None:
     def die(step, metrics):
         if step == sc.get("die_at") and rank == sc.get("die_rank"):
             os._exit(9)
+        if step == sc.get("stop_at"):
+            raise KeyboardInterrupt
 
-    sft(SFTConfig(**sc["cfg"]), on_step=die)
+    try:
+        run_trainer(sc, on_step=die)
+    except KeyboardInterrupt:
+        if "stop_at" not in sc:
+            raise
     return None
 
 
