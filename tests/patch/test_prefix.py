@@ -224,3 +224,40 @@ def test_a_wrong_plan_is_caught():
                 compare(shared, plain, ids, mask, labels, tol=1e-10)
         finally:
             prefix.PrefixPlan.allowed = prefix_plan_allowed
+
+
+# ---------------------------------------------------------------------------- fp32 NF4
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_fp32_nf4_exact(saved_models, family, left):
+    # the real stack: transformers + bitsandbytes NF4 (fp32 compute) + PEFT LoRA, patched
+    from tests.helpers import has_module
+    from tests.patch import tiny
+
+    if not has_module("bitsandbytes"):
+        pytest.skip("bitsandbytes is not installed")
+    overrides = {"sliding_window": W} if family in ("mistral", "gemma2") else {}
+    if family == "qwen2":
+        overrides = {"use_sliding_window": True, "sliding_window": W, "max_window_layers": 1}
+    path = saved_models(family, **overrides)
+    shared, plain = tiny.load_qlora(path), tiny.load_qlora(path)
+    assert fastlora.patch(shared).share_prefix
+    fastlora.patch(plain, share_prefix=False)
+    prefix.set_min_saving(shared, float("-inf"))
+    g = torch.Generator().manual_seed(1)
+    sys_prompt = torch.randint(3, tiny.VOCAB, (9,), generator=g).tolist()
+    rows = [(sys_prompt + [7, 8, 9], torch.randint(3, tiny.VOCAB, (1 + i % 4,), generator=g).tolist())
+            for i in range(4)] + [(sys_prompt, [11, 12]), ([13] * 5, [14, 15, 16])]
+    ids, mask, labels = batch(rows, left=left)
+    shared.train(), plain.train()
+    l_s = shared(input_ids=ids, attention_mask=mask, labels=labels).loss
+    l_p = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel(l_s, l_p) <= 1e-5
+    l_s.backward(), l_p.backward()
+    g_s, g_p = lora_grads(shared), lora_grads(plain)
+    assert set(g_s) == set(g_p) and len(g_s) == len(tiny.trainable(plain))
+    for name in g_p:
+        assert g_p[name].abs().max() > 0
+        assert rel(g_s[name], g_p[name]) <= 1e-4, name
+    stats = fastlora.shared_prefix_stats(shared)
+    assert stats["shared_calls"] == 1 and stats["tokens_run"] < stats["tokens_in"], stats
