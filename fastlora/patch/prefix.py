@@ -189,6 +189,8 @@ def _flatten(sig: inspect.Signature | None, args, kwargs) -> dict | None:
 
 def _call_reason(dec: nn.Module, a: dict) -> str | None:
     unknown = sorted(k for k, v in a.items() if k not in _KNOWN and v is not None)
+    if any(k.startswith(("cu_seq_lens", "max_length_")) for k in unknown):
+        return "packed sequences (cu_seq_lens)"
     if unknown:
         return f"argument {unknown[0]!r}"
     if a.get("cache") is not None or a.get("past_key_values") is not None:
