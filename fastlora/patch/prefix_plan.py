@@ -41,6 +41,9 @@ import torch
 MIN_SAVING = 0.10
 # Slots per bin are rounded up to a multiple of this (aligned rows for the GPU kernels).
 ALIGN = 8
+# The dense mask is built this many (query, key) pairs at a time, so its int64 index
+# intermediate stays small next to the bool mask itself.
+_MASK_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +113,16 @@ class PrefixPlan:
         path = torch.cat([self.path, self.path.new_full((1, self.path.shape[1]), -1)])
         rep = torch.where(self.rep < 0, path.shape[0] - 1, self.rep)
         depth = self.positions.clamp(max=path.shape[1] - 1)
-        back = self.positions[:, :, None] - self.positions[:, None, :]  # (nb, C, C) depth(q) - depth(k)
-        ok = (path[rep[:, :, None], depth[:, None, :]] == slot[:, None, :]) & (back >= 0)
+        ok = torch.empty(nb, C, C, dtype=torch.bool, device=self.ids.device)
+        rows = max(1, _MASK_CHUNK // max(1, nb * C))  # bound the int64 gather to ~_MASK_CHUNK elements
+        for q0 in range(0, C, rows):
+            q = slice(q0, min(C, q0 + rows))
+            back = self.positions[:, q, None] - self.positions[:, None, :]  # depth(q) - depth(k)
+            blk = (path[rep[:, q, None], depth[:, None, :]] == slot[:, None, :]) & (back >= 0)
+            if window is not None:
+                blk &= back < window
+            ok[:, q] = blk
         ok |= torch.eye(C, dtype=torch.bool, device=ok.device)
-        if window is not None:
-            ok &= back < window
         return ok
 
     def mask_mod(self, window: int | None = None):
