@@ -18,11 +18,15 @@ decoder. Terms used below (rows in *sorted* order, see :func:`plan_batch`):
     owner      owner[i, t]: the sorted row that created the node row i uses at depth t
     slot       one position of the packed input ``(n_bins, C)``: a tree node, or padding
     path       path[i, t]: the (global) slot of row i's token at depth t, -1 past its end
+    end        end[s]: one past the last descendant of slot s (within its bin)
     component  rows that share at least their first token; runs of rows with d > 0
     bin        one packed sequence of the planned input; holds whole components
 
-Nodes are laid out row by row in sorted order, so a node's ancestors always come before
-it within its bin: the tree mask is lower-triangular, like a causal mask.
+Nodes are laid out row by row in sorted order. That is a pre-order walk of the tree:
+a node's ancestors come before it, and its descendants are exactly the slots from the
+node up to ``end`` (the first node of the next row that branches off at or above the
+node's depth). So the tree mask is one comparison per (query, key) pair,
+``key <= query < end[key]``, lower-triangular like a causal mask, with no gather.
 
 The plan is chosen by a cost model of the decoder (:class:`CostModel`): linear layers
 cost per position, attention per (query, key) pair that a dense masked kernel computes.
@@ -41,9 +45,6 @@ import torch
 MIN_SAVING = 0.10
 # Slots per bin are rounded up to a multiple of this (aligned rows for the GPU kernels).
 ALIGN = 8
-# The dense mask is built this many (query, key) pairs at a time, so its int64 index
-# intermediate stays small next to the bool mask itself.
-_MASK_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +78,18 @@ class PrefixPlan:
     """A batch ``(B, L)`` laid out as ``n_bins`` packed sequences of ``cap`` slots.
 
     ``ids``, ``positions``: ``(n_bins, cap)`` tokens and depths of the slots (padding
-    slots: token ``pad_id``, depth 0). ``rep``: ``(n_bins, cap)`` the sorted row that
-    created each slot (-1 for padding). ``path``: ``(B, L)`` global slot of each sorted
-    row's token at each depth (-1 past the row's end). ``gather``: ``(B, L)`` index of
-    each original position into the flattened slots plus one zero row at the end
-    (``n_bins * cap``), where padding positions point.
+    slots: token ``pad_id``, depth 0). ``end``: ``(n_bins, cap)`` one past the slot's
+    last descendant, in bin coordinates (a padding slot: itself + 1). ``path``:
+    ``(B, L)`` global slot of each sorted row's token at each depth (-1 past the row's
+    end). ``gather``: ``(B, L)`` index of each original position into the flattened
+    slots plus one zero row at the end (``n_bins * cap``), where padding positions point.
     """
 
     n_bins: int
     cap: int
     ids: torch.Tensor
     positions: torch.Tensor
-    rep: torch.Tensor
+    end: torch.Tensor
     path: torch.Tensor
     gather: torch.Tensor
     tokens_in: int  # real (non-pad) tokens of the batch
@@ -103,42 +104,26 @@ class PrefixPlan:
     def allowed(self, window: int | None = None) -> torch.Tensor:
         """``(n_bins, cap, cap)`` bool: slot q may attend to slot k (same bin).
 
-        k is an ancestor of q, or q itself: k is not deeper than q, and the node that
-        row ``rep[q]`` holds at ``k``'s depth is ``k``. With a sliding ``window`` (transformers' convention: the key is
-        less than ``window`` positions back), ancestors further back are dropped too.
+        k is an ancestor of q, or q itself: q lies in k's descendant range
+        ``k <= q < end[k]``. With a sliding ``window`` (transformers' convention: the key
+        is less than ``window`` positions back), ancestors further back are dropped too.
         Padding slots attend to themselves only (no fully masked row, no NaN)."""
-        nb, C = self.n_bins, self.cap
-        slot = torch.arange(nb * C, device=self.ids.device).view(nb, C)
-        # path with one extra row of -1 for the padding slots (rep == -1)
-        path = torch.cat([self.path, self.path.new_full((1, self.path.shape[1]), -1)])
-        rep = torch.where(self.rep < 0, path.shape[0] - 1, self.rep)
-        depth = self.positions.clamp(max=path.shape[1] - 1)
-        ok = torch.empty(nb, C, C, dtype=torch.bool, device=self.ids.device)
-        rows = max(1, _MASK_CHUNK // max(1, nb * C))  # bound the int64 gather to ~_MASK_CHUNK elements
-        for q0 in range(0, C, rows):
-            q = slice(q0, min(C, q0 + rows))
-            back = self.positions[:, q, None] - self.positions[:, None, :]  # depth(q) - depth(k)
-            blk = (path[rep[:, q, None], depth[:, None, :]] == slot[:, None, :]) & (back >= 0)
-            if window is not None:
-                blk &= back < window
-            ok[:, q] = blk
-        ok |= torch.eye(C, dtype=torch.bool, device=ok.device)
+        C = self.cap
+        ar = torch.arange(C, device=self.ids.device)
+        ok = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, :, None] < self.end[:, None, :])
+        if window is not None:
+            ok &= self.positions[:, :, None] < self.positions[:, None, :] + window
         return ok
 
     def mask_mod(self, window: int | None = None):
         """The same rule as :meth:`allowed`, as a FlexAttention ``mask_mod(b, h, q, k)``:
         a block mask built from it skips the blocks no node attends to."""
-        C = self.cap
-        path = torch.cat([self.path, self.path.new_full((1, self.path.shape[1]), -1)])
-        rep = torch.where(self.rep < 0, path.shape[0] - 1, self.rep)
-        depth = self.positions.clamp(max=path.shape[1] - 1)
-        pos = self.positions
+        end, pos = self.end, self.positions
 
         def mod(b, h, q, k):
-            back = pos[b, q] - pos[b, k]
-            ok = ((path[rep[b, q], depth[b, k]] == b * C + k) & (back >= 0)) | (q == k)
+            ok = (k <= q) & (q < end[b, k])
             if window is not None:
-                ok = ok & (back < window)
+                ok = ok & (pos[b, q] < pos[b, k] + window)
             return ok
 
         return mod
@@ -263,14 +248,24 @@ def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cos
     path = slot_table.gather(0, owner)
     path = torch.where(ar[None, :] < ns[:, None], path, -1)
 
+    # end of each node's descendants: the first node of the next row that branches off
+    # at or above its depth (pre-order), or the end of its component
+    later = torch.where(d[:, None] <= ar[None, :], rowix[:, None], B)  # (B, L)
+    nxt = torch.cat([later[1:].flip(0).cummin(0).values.flip(0), later.new_full((1, L), B)])  # first j > i
+    comp_end = torch.tensor(where, device=dev) * cap + torch.tensor(off, device=dev) + sizes_t  # (n_comp,)
+    base_ext = torch.cat([base, base.new_zeros(1)])
+    comp_ext = torch.cat([comp, comp.new_full((1,), -1)])
+    end_table = torch.where(comp_ext[nxt] == comp[:, None], base_ext[nxt], comp_end[comp][:, None])  # (B, L)
+
     total = nb * cap
     slots = slot_table[new]
     ids = torch.full((total,), pad_id, dtype=input_ids.dtype, device=dev)
     ids[slots] = A[new]
     positions = torch.zeros(total, dtype=torch.long, device=dev)
     positions[slots] = ar.expand(B, L)[new]
-    rep = torch.full((total,), -1, dtype=torch.long, device=dev)
-    rep[slots] = rowix[:, None].expand(B, L)[new]
+    end = torch.arange(1, total + 1, device=dev)  # padding slots: themselves only
+    end[slots] = end_table[new]
+    end = end.view(nb, cap) - torch.arange(nb, device=dev)[:, None] * cap  # in bin coordinates
 
     inv = torch.empty_like(order_t)
     inv[order_t] = rowix
@@ -279,6 +274,6 @@ def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cos
     real = attention_mask != 0
     gather = torch.where(real, P.gather(1, depth), total)
     return PrefixPlan(
-        n_bins=nb, cap=cap, ids=ids.view(nb, cap), positions=positions.view(nb, cap), rep=rep.view(nb, cap),
-        path=path, gather=gather, tokens_in=tokens_in, tokens_run=total, plain_cost=plain, packed_cost=packed,
+        n_bins=nb, cap=cap, ids=ids.view(nb, cap), positions=positions.view(nb, cap),
+        end=end, path=path, gather=gather, tokens_in=tokens_in, tokens_run=total, plain_cost=plain, packed_cost=packed,
     )

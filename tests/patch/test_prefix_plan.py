@@ -181,14 +181,3 @@ def test_unpack_sums_the_gradients_of_shared_positions():
     want.index_add_(0, plan.gather.reshape(-1), w.reshape(-1, 2))
     torch.testing.assert_close(packed.grad.reshape(-1, 2), want[:-1], rtol=0, atol=0)
     assert torch.equal(out[0, :2], out[1, :2])  # the shared tokens read one slot
-
-
-def test_the_mask_built_in_chunks_is_the_same(monkeypatch):
-    from fastlora.patch import prefix_plan
-
-    ids, mask = make(CASES["two levels"], 9, left=True)
-    plan = plan_batch(ids, mask, FREE, min_saving=ALWAYS)
-    whole = plan.allowed(2)
-    monkeypatch.setattr(prefix_plan, "_MASK_CHUNK", 7)  # a few query rows at a time
-    assert torch.equal(plan.allowed(2), whole)
-    check_plan(ids, mask, plan, window=2)
