@@ -54,9 +54,11 @@ from .prefix_plan import MIN_SAVING, CostModel, PrefixPlan, plan_batch
 KIND = "shared prefix"
 # attention backends that take an arbitrary mask; flash-attention kernels take none
 _BACKENDS = ("eager", "sdpa", "flex_attention")
-# keyword arguments the plan understands; anything else runs the plain batch
+# keyword arguments the plan understands; anything else runs the plain batch. A causal
+# LM hands its loss arguments on to the decoder, which ignores them.
 _KNOWN = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
-                    "use_cache", "output_hidden_states", "output_attentions", "return_dict", "cache_position"})
+                    "use_cache", "output_hidden_states", "output_attentions", "return_dict", "cache_position",
+                    "num_items_in_batch", "shift_labels", "ignore_index"})
 
 
 # Set by a caller that knows the plain batch is needed for a reason the decoder cannot see
@@ -388,3 +390,37 @@ def set_min_saving(model: nn.Module, min_saving: float) -> int:
             st.extra.min_saving = float(min_saving)
             n += 1
     return n
+
+
+class PrefixMeter:
+    """The shared-prefix counters of a trainer's own forwards (not of its evaluation):
+    ``with meter.window() as w: <training forwards>`` leaves that window's ``tokens_in``
+    / ``tokens_run`` in ``w`` and adds them to the meter's totals. It reads differences of
+    :func:`shared_prefix_stats`, so the counters a user watches are never reset."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tokens_in = 0
+        self.tokens_run = 0
+
+    @contextlib.contextmanager
+    def window(self):
+        before = shared_prefix_stats(self.model)
+        w: dict = {}
+        yield w
+        after = shared_prefix_stats(self.model)
+        w["tokens_in"] = after["tokens_in"] - before["tokens_in"]
+        w["tokens_run"] = after["tokens_run"] - before["tokens_run"]
+        w["tokens_run_fraction"] = self.fraction(w["tokens_run"], w["tokens_in"])
+        self.tokens_in += w["tokens_in"]
+        self.tokens_run += w["tokens_run"]
+
+    @property
+    def total_fraction(self) -> float | None:
+        return self.fraction(self.tokens_run, self.tokens_in)
+
+    @staticmethod
+    def fraction(run: int, tokens_in: int) -> float | None:
+        """Positions the decoder layers ran per real token (None: nothing was counted, e.g.
+        the model is not patched)."""
+        return run / tokens_in if tokens_in else None
