@@ -22,6 +22,7 @@ _EXPORTS = {
     "unpatch": "fastlora.patch",
     "PatchReport": "fastlora.patch",
     "load": "fastlora.patch",
+    "shared_prefix_stats": "fastlora.patch",
     "Backend": "fastlora.backend",
     "use_backend": "fastlora.backend",
     "backend_info": "fastlora.backend",

@@ -31,6 +31,8 @@ _HELP = {
     "dtype": "compute dtype: auto = bfloat16 on GPU, float32 on CPU; or float32, bfloat16, float16",
     "device": "cuda, cuda:N or cpu; auto = cuda when available, else cpu",
     "patch": "use fastlora's kernels (--no-patch: the plain transformers+bnb+PEFT baseline)",
+    "share_prefix": ("run the tokens that rows of a batch share (system prompt, a pair's prompt, a group's "
+                     "prompt) once, with the same loss and gradients (--no-share-prefix: every row in full)"),
     "data": "training files (.jsonl/.json/.csv) or datasets dirs (default: the embedded healthcare task)",
     "data_format": "auto (from the columns) | alpaca | prompt_completion | messages | text",
     "eval_data": "held-out files (default: --eval-split of the training data)",

@@ -12,9 +12,10 @@ import types
 from .core import patch, unpatch
 from .loader import load
 from .lora import protect_bnb_weights
+from .prefix import shared_prefix_stats
 from .report import Fallback, PatchReport
 
-__all__ = ["patch", "unpatch", "PatchReport", "Fallback", "load", "protect_bnb_weights"]
+__all__ = ["patch", "unpatch", "PatchReport", "Fallback", "load", "protect_bnb_weights", "shared_prefix_stats"]
 
 
 class _CallablePackage(types.ModuleType):

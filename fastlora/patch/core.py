@@ -16,7 +16,7 @@ import warnings
 from torch import nn
 
 from ..backend import Backend, backend_info
-from . import _bind, head, lora
+from . import _bind, head, lora, prefix
 from . import lora as lora_mod  # `patch` has an argument named lora
 from .report import PatchReport
 
@@ -138,11 +138,40 @@ def _patch_heads(model: nn.Module, report: PatchReport, backend, verify: bool) -
     report.add_kept("causal-LM head", "no transformers *ForCausalLM module found")
 
 
+def _patch_prefix(model: nn.Module, report: PatchReport, verify: bool) -> None:
+    found = prefix.decoders(model)
+    if not found:
+        report.add_kept(prefix.KIND, "no transformers decoder found")
+    for name, dec in found:
+        st = _bind.state(dec)
+        if st is not None:  # patched by an earlier call
+            if _bind.is_ours(dec, st.attr):
+                report.add_patched(st.kind)
+            else:
+                report.add_kept(prefix.KIND, f"a forward installed after fastlora's ({_bind.foreign_forward(dec)}) "
+                                "wraps the decoder")
+            continue
+        foreign = _bind.foreign_forward(dec)
+        why = prefix.unsupported_reason(dec) or (
+            foreign and f"another library installed its own forward on the decoder ({foreign})")
+        if why:
+            report.add_kept(prefix.KIND, why)
+            continue
+        prefix.patch_decoder(dec)
+        why = prefix.verify(dec) if verify else None
+        if why:
+            _bind.restore(dec)
+            report.add_fallback(name, "shared-prefix", why)
+            continue
+        report.add_patched(prefix.KIND)
+
+
 def patch(
     model: nn.Module,
     *,
     lora: bool = True,
     loss: bool = True,
+    share_prefix: bool = True,
     backend: Backend | str | None = None,
     verify_head: bool = True,
 ) -> PatchReport:
@@ -156,8 +185,13 @@ def patch(
     ``loss``: in training mode with ``labels``, compute transformers' causal-LM loss
     with ``linear_cross_entropy`` and return ``logits=None`` (never materialized);
     eval mode and calls without labels return the original logits.
+    ``share_prefix``: run each token that rows of a batch share (same tokens from the
+    row's start) once, with the same outputs and gradients (:mod:`fastlora.patch.prefix`);
+    what cannot be shared exactly runs the plain batch, counted by reason in
+    :func:`fastlora.shared_prefix_stats`.
     ``backend``: force the ops' backend (default: each op's AUTO choice).
-    ``verify_head``: check the head spec against one tiny eval forward (recommended).
+    ``verify_head``: check the head spec and the shared-prefix plan, each against one
+    tiny eval forward of the original model (recommended).
 
     bitsandbytes weights are always protected from CPU repacking (see
     :func:`protect_bnb_weights`).
@@ -177,8 +211,9 @@ def patch(
     if report.already_patched and previous is not None:
         # the options of the first call stay in force (a module is patched once)
         b, lora, loss = Backend.parse(previous.backend), previous.options["lora"], previous.options["loss"]
+        share_prefix = previous.options.get("share_prefix", share_prefix)
         report.backend = previous.backend
-    report.options = {"lora": lora, "loss": loss}
+    report.options = {"lora": lora, "loss": loss, "share_prefix": share_prefix}
     fwd_backend = None if b in (None, Backend.AUTO) else b
     # A second call patches what was added since (LoRA layers added after the first call)
     # and describes the model as it is now (e.g. a head another library installed since).
@@ -186,6 +221,8 @@ def patch(
         _patch_heads(model, report, fwd_backend, verify_head)
     if lora:
         _patch_lora_layers(model, report, fwd_backend)
+    if share_prefix:
+        _patch_prefix(model, report, verify_head)
     model.__dict__[_REPORT_ATTR] = report
     if report.nothing_accelerated or any(f.kind == "lora" and not f.name for f in report.fallbacks):
         what = "nothing" if report.nothing_accelerated else "no LoRA layer"

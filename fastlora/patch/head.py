@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._ext import warn_once
-from . import _bind
+from . import _bind, prefix
 from .lora import is_lora_layer, _peft_lora_types
 
 KIND = "causal-lm head+loss"
@@ -307,7 +307,13 @@ def _fused(lm: nn.Module, spec: HeadSpec, arguments: dict):
     return_dict = arguments.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(lm.config, "return_dict", True)
-    out, hidden = _call_decoder(lm, spec, arguments)
+    if prefix.label_from_padding(labels, arguments.get("attention_mask"),
+                                 ignore_index=arguments.get("ignore_index", -100),
+                                 shift_labels=arguments.get("shift_labels")):
+        with prefix.plain_batch("a trained label predicted from a padding position"):
+            out, hidden = _call_decoder(lm, spec, arguments)
+    else:
+        out, hidden = _call_decoder(lm, spec, arguments)
     if sharded is None:
         loss = causal_lm_loss(hidden, w, b, labels, spec, **arguments)
     else:

@@ -51,6 +51,11 @@ class PatchReport:
     options: dict = dataclasses.field(default_factory=lambda: {"lora": True, "loss": True})
 
     @property
+    def share_prefix(self) -> bool:
+        """True when shared-prefix training is on for at least one decoder of the model."""
+        return self.patched.get("shared prefix", 0) > 0
+
+    @property
     def nothing_accelerated(self) -> bool:
         return not any(self.patched.values())
 
@@ -90,6 +95,10 @@ class PatchReport:
             if len(self.fallbacks) > 20:
                 lines.append(f"    ... and {len(self.fallbacks) - 20} more (see report.fallbacks)")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.options.get("share_prefix", False):
+            lines.append("  shared prefix: " + ("on" if self.share_prefix else "off (see above)"))
+        else:
+            lines.append("  shared prefix: off (share_prefix=False)")
         kernels = ", ".join(f"{k}={v}" for k, v in self.backend_info.items())
         lines.append(f"  backend: {self.backend}" + (f" ({kernels})" if kernels else ""))
         return "\n".join(lines)

@@ -41,6 +41,7 @@ class SFTConfig:
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto = cuda when available, else cpu
     patch: bool = True  # fastlora.patch(model); off = the plain HF+bnb+PEFT baseline
+    share_prefix: bool = True  # run the tokens that rows of a batch share once (fastlora.patch's share_prefix)
 
     # --- data ---
     data: list[str] | None = None  # files or datasets dirs; None = the embedded healthcare task

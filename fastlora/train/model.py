@@ -219,13 +219,13 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, gradi
         ) from None
 
 
-def apply_patch(model, enabled: bool) -> dict | None:
+def apply_patch(model, enabled: bool, *, share_prefix: bool = True) -> dict | None:
     """fastlora.patch(model) when enabled; returns a JSON-able summary of its report."""
     if not enabled:
         return None
     import fastlora
 
-    report = fastlora.patch(model)
+    report = fastlora.patch(model, share_prefix=share_prefix)
     return _report_summary(report)
 
 
@@ -234,7 +234,7 @@ def _report_summary(report) -> dict:
     if report is None:
         return {}
     out: dict[str, Any] = {"text": str(report)}
-    for attr in ("ok", "patched", "protected", "backend", "already_patched"):
+    for attr in ("ok", "patched", "protected", "backend", "already_patched", "share_prefix"):
         if hasattr(report, attr):
             v = getattr(report, attr)
             out[attr] = dict(v) if isinstance(v, dict) else v

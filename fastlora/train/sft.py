@@ -36,6 +36,7 @@ from . import evaluate as ev
 from . import run as lifecycle
 from .config import SFTConfig
 from .console import Console
+from ..patch.prefix import PrefixMeter
 from .data import IGNORE_INDEX, batch_order, check_records, collate, detect_format, load_records, pack, prepare
 
 
@@ -235,7 +236,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
                                 target_modules=cfg.target_modules, num_virtual_tokens=cfg.num_virtual_tokens,
                                 adapter_dim=cfg.adapter_dim, gradient_checkpointing=cfg.gradient_checkpointing,
                                 log=log)
-    patch_report = apply_patch(model, cfg.patch)
+    patch_report = apply_patch(model, cfg.patch, share_prefix=cfg.share_prefix)
     if patch_report:
         log(patch_report["text"])
     # the model itself in a single process; FSDP2 shards it in place
@@ -313,6 +314,7 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
     # ---- train
     pad_id = tokenizer.pad_token_id
     best_params: dict[str, torch.Tensor] | None = None
+    prefix_meter = PrefixMeter(model)
     bar = log.progress(total_steps, initial=step, desc="sft", log_every=cfg.log_every)
     model.train()
     try:
@@ -324,7 +326,8 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
                 idx = batch_order(len(rows), cfg.batch_size * world, seed=cfg.seed, epoch=epoch)[pos]
                 batches.append(_rank_batch(rows, idx, cfg.batch_size, pad_id))
                 state["micro"] += 1
-            loss_sum, n_total, tokens = accumulate_gradients(train_model, batches, device)
+            with prefix_meter.window() as prefix:  # this step's training forwards only
+                loss_sum, n_total, tokens = accumulate_gradients(train_model, batches, device)
             loss_sum, tokens = dist.all_sum([loss_sum, tokens], device)
             tokens = int(tokens)
             lr = scheduler.get_last_lr()[0]
@@ -337,7 +340,8 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
             state["tokens"] += tokens
             rec = {"step": step, "loss": loss_sum / n_total if n_total else float("nan"), "lr": lr,
                    "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": tokens,
-                   "tokens_per_second": tokens / dt if dt > 0 else None, "epoch": state["micro"] / micro_per_epoch}
+                   "tokens_per_second": tokens / dt if dt > 0 else None, "epoch": state["micro"] / micro_per_epoch,
+                   "tokens_run_fraction": prefix["tokens_run_fraction"]}
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.write(rec)
             state["history"].append({"step": step, "loss": rec["loss"]})
@@ -407,6 +411,10 @@ def _sft(cfg: SFTConfig, log: Console, on_step) -> dict:
         "model": str(model_path),
         "device": str(device),
         "patched": bool(cfg.patch),
+        "share_prefix": bool(cfg.patch and cfg.share_prefix),
+        # positions the decoder layers ran / real tokens, over the training forwards (this
+        # rank): below 1 when rows shared tokens; None without fastlora's patch
+        "tokens_run_fraction": prefix_meter.total_fraction,
         "steps": step,
         "total_steps": total_steps,
         "stopped_early": stopped_early,

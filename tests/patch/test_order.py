@@ -39,7 +39,7 @@ def test_a_forward_installed_before_patch_is_kept_and_restored(saved_models):
     assert lm.__dict__["forward"] is theirs  # not wrapped
     pat.train()
     assert pat(**tiny.batch(), library_flag=True)["extra"] == "library"  # its contract holds
-    assert unpatch(pat) == 7 * tiny.LAYERS
+    assert unpatch(pat) == 7 * tiny.LAYERS + 1  # and the decoder (shared prefixes)
     assert lm.__dict__["forward"] is theirs
 
 
@@ -52,7 +52,7 @@ def test_a_forward_installed_after_patch_survives_unpatch(saved_models):
     again = fastlora.patch(pat)  # a second call describes the model as it is now
     assert again.already_patched and again.patched["causal-lm head+loss"] == 0
     assert "installed over fastlora's head" in again.kept["causal-LM head"][1]
-    assert unpatch(pat) == 1 + 7 * tiny.LAYERS
+    assert unpatch(pat) == 2 + 7 * tiny.LAYERS  # head, decoder, LoRA layers
     assert lm.__dict__["forward"] is theirs  # theirs stays; ours, inside it, is detached
     b = tiny.batch()
     pat.train(), ref.train()

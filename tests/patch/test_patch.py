@@ -37,7 +37,7 @@ def test_unpatch_is_bit_exact(saved_models):
     b = tiny.batch()
     fastlora.patch(pat)
     loss_and_grads(pat, b)  # run patched once: state must not leak into the original
-    assert unpatch(pat) == 1 + 7 * tiny.LAYERS
+    assert unpatch(pat) == 2 + 7 * tiny.LAYERS  # head, decoder, LoRA layers
     assert not any("_fastlora_patch" in m.__dict__ or "forward" in m.__dict__ for m in pat.modules())
     l_ref, l_pat = loss_and_grads(ref, b), loss_and_grads(pat, b)
     assert torch.equal(l_ref, l_pat)
@@ -47,7 +47,7 @@ def test_unpatch_is_bit_exact(saved_models):
     with torch.no_grad():
         assert torch.equal(ref(input_ids=b["input_ids"]).logits, pat(input_ids=b["input_ids"]).logits)
     again = fastlora.patch(pat)  # unpatched models can be patched again
-    assert again.ok and not again.already_patched and sum(again.patched.values()) == 1 + 7 * tiny.LAYERS
+    assert again.ok and not again.already_patched and sum(again.patched.values()) == 2 + 7 * tiny.LAYERS
 
 
 def test_patch_twice_is_a_noop_and_only_this_instance_changes(saved_models):

@@ -210,3 +210,25 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_model_dir, chat_j
     with pytest.raises(err, match=match):
         sft(_run_cfg(tiny_model_dir, chat_jsonl, out, **kw))
     assert not out.exists()
+
+
+def test_shared_prefix_run_equals_the_plain_one(tiny_model_dir, chat_jsonl, tmp_path):
+    """--share-prefix (the default) against --no-share-prefix: the same losses step by step,
+    fewer positions through the decoder (recorded per step and in the summary)."""
+    from fastlora.train import sft
+
+    runs = {}
+    for share in (True, False):
+        out = tmp_path / str(share)
+        summary = sft(_run_cfg(tiny_model_dir, chat_jsonl, out, max_steps=3, lora_dropout=0.0, share_prefix=share,
+                               test_max_examples=2))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[share] = (summary, {r["step"]: r for r in rows if "event" not in r})
+    (on, steps_on), (off, steps_off) = runs[True], runs[False]
+    assert on["share_prefix"] is True and off["share_prefix"] is False
+    for s in (1, 2, 3):
+        assert steps_on[s]["loss"] == pytest.approx(steps_off[s]["loss"], rel=1e-5)
+        assert 0 < steps_on[s]["tokens_run_fraction"] < 1  # the chat template's system prompt runs once
+        assert steps_off[s]["tokens_run_fraction"] is None  # nothing counted: sharing is off
+    assert 0 < on["tokens_run_fraction"] < 1 and off["tokens_run_fraction"] is None
+    assert on["patch_report"]["share_prefix"] is True and off["patch_report"]["share_prefix"] is False
