@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import pytest
 import torch
 
-AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation")
+AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation", "prefix")
 
 # Every equal-result check of the session (also when it fails); conftest dumps them.
 CHECKS: list[dict] = []
@@ -59,6 +59,47 @@ class TrainShape:
     seq: int
     batch: int
     rank: int
+    tie_embeddings: bool = False  # lm_head is the input embedding (SmolLM2, Gemma)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCase:
+    """One batch of the shared-prefix benchmark: ``groups`` prompts of ``prompt`` tokens,
+    each followed by ``group_size`` different responses of ``response`` tokens (rows =
+    groups x group_size, all of ``prompt + response`` tokens). GRPO: a prompt and its
+    completions; DPO: a prompt and its chosen and rejected responses."""
+
+    kind: str  # "grpo" or "dpo": the row order the trainer builds (see bench_prefix.py)
+    groups: int
+    group_size: int
+    prompt: int
+    response: int
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.group_size
+
+    @property
+    def seq(self) -> int:
+        return self.prompt + self.response
+
+
+def smollm2_135m(layers: int, cases: Sequence[PrefixCase]) -> TrainShape:
+    """SmolLM2-135M's shapes (a Llama: RoPE, RMSNorm, SwiGLU, GQA 9/3 heads of 64, tied
+    embeddings), with ``layers`` of its 30 decoder layers, LoRA r = 16; ``seq`` and
+    ``batch`` are the longest row and the most rows of ``cases``."""
+    return TrainShape(hidden=576, intermediate=1536, layers=layers, heads=9, kv_heads=3, vocab=49152,
+                      seq=max(c.seq for c in cases), batch=max(c.rows for c in cases), rank=16,
+                      tie_embeddings=True)
+
+
+# Issue 23's shapes: a GRPO step (4 prompts x 8 completions, 512 + 128 tokens) and a DPO
+# step (8 pairs, a 256-token prompt, chosen and rejected responses of 128).
+PREFIX_ISSUE_CASES = (PrefixCase("grpo", groups=4, group_size=8, prompt=512, response=128),
+                      PrefixCase("dpo", groups=8, group_size=2, prompt=256, response=128))
+# The smoke run's: the same structure, short rows.
+PREFIX_TINY_CASES = (PrefixCase("grpo", groups=2, group_size=4, prompt=48, response=16),
+                     PrefixCase("dpo", groups=2, group_size=2, prompt=32, response=16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +124,8 @@ class Preset:
     gen_batch: int
     gen_prompt: int
     gen_new: int
+    prefix_model: TrainShape  # the shared-prefix benchmark's model ...
+    prefix_cases: tuple  # ... and its batches (PrefixCase)
 
 
 PRESETS = {
@@ -110,6 +153,8 @@ PRESETS = {
         gen_batch=2,
         gen_prompt=8,
         gen_new=4,
+        prefix_model=smollm2_135m(2, PREFIX_TINY_CASES),
+        prefix_cases=PREFIX_TINY_CASES,
     ),
     # The shapes of issues 2-5: Llama-3-8B (H=4096, I=14336, V=128256, GQA 32/8).
     "llama3-8b": Preset(
@@ -134,6 +179,9 @@ PRESETS = {
         gen_batch=16,
         gen_prompt=128,
         gen_new=64,
+        # the whole SmolLM2-135M (30 layers): the GPU run of issue 23's shapes
+        prefix_model=smollm2_135m(30, PREFIX_ISSUE_CASES),
+        prefix_cases=PREFIX_ISSUE_CASES,
     ),
 }
 # The whole 32-layer model in 4-bit (issue 5: "if memory allows"), for the model areas:
@@ -141,6 +189,13 @@ PRESETS = {
 PRESETS["llama3-8b-full"] = dataclasses.replace(
     PRESETS["llama3-8b"], name="llama3-8b-full",
     train=dataclasses.replace(PRESETS["llama3-8b"].train, layers=32),
+)
+# Issue 23's shapes on a CPU: SmolLM2-135M's width with 2 of its 30 layers (a step of the
+# GRPO case is tens of seconds on 2 cores); the other areas run the tiny sizes. This is
+# what `fastlora bench --only prefix` runs on a CPU when no preset is given.
+PRESETS["prefix-cpu"] = dataclasses.replace(
+    PRESETS["tiny"], name="prefix-cpu", heavy_rounds=3,
+    prefix_model=smollm2_135m(2, PREFIX_ISSUE_CASES), prefix_cases=PREFIX_ISSUE_CASES,
 )
 
 
@@ -497,6 +552,36 @@ def measure_memory(call: Callable[[], Any], reset: Callable[[], None] | None, de
     if reset is not None:
         reset()
     return res
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+        return (str(st.device), st.data_ptr()), st.nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without one storage
+        return ("tensor", id(t)), t.numel() * t.element_size()
+
+
+def saved_for_backward(call: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> tuple[Any, dict]:
+    """``(call(), bytes)``: what autograd saves for backward while ``call`` runs
+    (``torch.autograd.graph.saved_tensors_hooks``), each storage counted once however
+    many views of it are saved. Storages of ``exclude`` (the model's own weights) are
+    counted apart: ``saved_activation_bytes`` is the rest, exact and the same figure
+    on any device. Tensors an autograd function keeps as attributes instead of
+    ``save_for_backward`` are not seen."""
+    skip = {_storage_key(t)[0] for t in exclude}
+    acts: dict = {}
+    weights: dict = {}
+
+    def pack(t):
+        key, nbytes = _storage_key(t)
+        (weights if key in skip else acts)[key] = nbytes
+        return t.detach()  # an alias sharing storage and version counter; holds no graph
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    return out, {"saved_activation_bytes": int(sum(acts.values())), "saved_weight_bytes": int(sum(weights.values())),
+                 "saved_method": "torch.autograd.graph.saved_tensors_hooks, unique storages"}
 
 
 def one_case_at_a_time(build: Callable[["Env", str], "Case"]) -> Callable[["Env", str], "Case"]:

@@ -41,7 +41,7 @@ def qlora_model(env: H.Env, shape: H.TrainShape) -> QLoRAModel:
     cfg = transformers.LlamaConfig(
         hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-        max_position_embeddings=max(4096, shape.seq), tie_word_embeddings=False, rms_norm_eps=1e-5,
+        max_position_embeddings=max(4096, shape.seq), tie_word_embeddings=shape.tie_embeddings, rms_norm_eps=1e-5,
     )
     with tempfile.TemporaryDirectory(prefix="fastlora-bench-model-") as d:
         torch.manual_seed(0)
@@ -104,6 +104,12 @@ def restore_lora(qm: QLoRAModel) -> None:
             params[name].grad = None
 
 
+def drop_grads(qm: QLoRAModel) -> None:
+    params = dict(qm.model.named_parameters())
+    for name in qm.lora_init:
+        params[name].grad = None
+
+
 def lora_grads(qm: QLoRAModel) -> torch.Tensor:
     """Every LoRA gradient, flattened into one vector (name order)."""
     params = dict(qm.model.named_parameters())
@@ -118,14 +124,27 @@ def batches(env: H.Env, shape: H.TrainShape, count: int, seq: int, batch: int, s
     return out
 
 
-def fastlora_patch(model, backend: str):
-    """``fastlora.patch(model, backend=...)``, or Unavailable while it does not exist."""
+def state_tensors(model: torch.nn.Module) -> list:
+    """The model's own tensors: parameters, buffers and the bitsandbytes quantization
+    state of its NF4 weights (absmax, code, nested statistics), which autograd saves for
+    backward beside the activations."""
+    out = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        for holder in (qs, getattr(qs, "state2", None)):
+            if holder is not None:
+                out += [t for t in vars(holder).values() if torch.is_tensor(t)]
+    return out
+
+
+def fastlora_patch(model, backend: str, **options):
+    """``fastlora.patch(model, backend=..., **options)``, or Unavailable while it does not exist."""
     try:
         mod = importlib.import_module("fastlora.patch")
         fn = mod.patch
     except (ImportError, AttributeError) as e:
         raise H.Unavailable(f"fastlora.patch is not available: {type(e).__name__}: {e}") from None
-    return fn(model, backend=backend)
+    return fn(model, backend=backend, **options)
 
 
 def fastlora_unpatch(model) -> None:

@@ -35,18 +35,18 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["run", "main", "AREAS", "PRESETS", "find_suite", "write_results"]
+__all__ = ["run", "main", "AREAS", "PRESETS", "default_preset", "find_suite", "write_results"]
 
-AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation")
+AREAS = ("nf4", "lora_linear", "cross_entropy", "train_step", "generation", "prefix")
 # the order the suite runs in: the training step last, because its Liger provider
 # patches transformers process-wide and cannot be undone
-_RUN_ORDER = ("nf4", "lora_linear", "cross_entropy", "generation", "train_step")
-PRESETS = ("tiny", "llama3-8b", "llama3-8b-full")  # benchmarks/harness.py defines them
+_RUN_ORDER = ("nf4", "lora_linear", "cross_entropy", "generation", "prefix", "train_step")
+PRESETS = ("tiny", "llama3-8b", "llama3-8b-full", "prefix-cpu")  # benchmarks/harness.py defines them
 _VERSIONS = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel",
              "cut-cross-entropy", "unsloth", "pytest", "pytest-benchmark", "fastlora")
 # the provider every ratio is taken against, when fastlora has no result for a case
 _BASELINE = {"nf4": "bitsandbytes", "lora_linear": "bitsandbytes+peft", "cross_entropy": "torch-eager",
-             "train_step": "hf-bnb-peft", "generation": "hf-bnb-peft"}
+             "train_step": "hf-bnb-peft", "generation": "hf-bnb-peft", "prefix": "plain"}
 
 
 def find_suite() -> Path:
@@ -71,13 +71,32 @@ def _areas(only) -> list[str]:
     return [a for a in _RUN_ORDER if a in areas]
 
 
-def run(preset: str = "tiny", only=None, results_dir=None, pytest_args: Sequence[str] = ()) -> int:
-    """Run the benchmark suite (or the areas in ``only``) with ``preset``; write the
-    results; return pytest's exit status (0: every check passed and every benchmark ran
-    or was skipped with its reason)."""
-    if preset not in PRESETS:
+def default_preset(areas: Sequence[str], pytest_args: Sequence[str] = ()) -> str:
+    """``tiny`` (the smoke sizes), except for the ``prefix`` area alone on a CPU:
+    ``prefix-cpu``, issue 23's batch shapes on SmolLM2-135M's width with 2 layers (the
+    tiny preset's prefix cases are short rows, so that the whole smoke run stays short)."""
+    if list(areas) != ["prefix"]:
+        return "tiny"
+    args = [str(a) for a in pytest_args]
+    device = next((a.split("=", 1)[1] for a in args if a.startswith("--bench-device=")), None)
+    if device is None and "--bench-device" in args[:-1]:
+        device = args[args.index("--bench-device") + 1]
+    if device in (None, "auto"):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "prefix-cpu" if device == "cpu" else "tiny"
+
+
+def run(preset: str | None = None, only=None, results_dir=None, pytest_args: Sequence[str] = ()) -> int:
+    """Run the benchmark suite (or the areas in ``only``) with ``preset`` (default:
+    :func:`default_preset`); write the results; return pytest's exit status (0: every
+    check passed and every benchmark ran or was skipped with its reason)."""
+    if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     areas = _areas(only)
+    if preset is None:
+        preset = default_preset(areas, pytest_args)
     suite = find_suite()
     missing = [pip for mod, pip in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"),
                                     ("matplotlib", "matplotlib"))
@@ -354,6 +373,7 @@ def markdown(bench: dict) -> str:
                 f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {_fmt_bytes(r.get('peak_mem_over_inputs_bytes'))} | {ratio} |"
             )
         out.append("")
+    out += _prefix_section(cases, m.get("device_type"))
     out += ["## Ratios against each peer", "",
             "Peer time / fastlora time (speedup of fastlora's best backend; above 1 is faster) and fastlora peak "
             "memory over inputs / the peer's (below 1 is less memory). fastlora's `-out` (reused output buffer) "
@@ -399,6 +419,41 @@ def markdown(bench: dict) -> str:
             if not o.get("ok")) for c in bad]
         out.append("")
     return "\n".join(out)
+
+
+def _prefix_section(cases: dict, device_type) -> list[str]:
+    """The prefix area side by side: shared against plain, time and both memory figures."""
+    pairs = [(case, {r["provider"]: r for r in rs}) for (area, case), rs in cases.items() if area == "prefix"]
+    pairs = [(case, by) for case, by in pairs if "shared" in by and "plain" in by]
+    if not pairs:
+        return []
+    peak = ("`max_memory_allocated` minus what was allocated before the step (the model, the batch)"
+            if device_type == "cuda" else "the sampled heap (mallinfo2) above what was in use before the step")
+    out = ["## Shared prefix: shared against plain", "",
+           "One step (forward with labels, backward) of `fastlora.patch(share_prefix=True)` (`shared`) and "
+           "`share_prefix=False` (`plain`) on the same model and batch. Speedup = plain time / shared time. "
+           "Saved activations: the bytes autograd saves for backward (unique storages, the model's weights and "
+           "quantization state excluded), exact on any device: the activation-memory figure the issue's memory "
+           f"bar is read on. Peak over inputs: {peak}. Tokens: real tokens of the batch -> positions the "
+           "decoder ran (`fastlora.shared_prefix_stats`).", "",
+           "| case | tokens in -> run | plain | shared | speedup | saved activations plain -> shared | ratio | "
+           "peak over inputs plain -> shared | ratio |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for case, by in pairs:
+        p, s = by["plain"], by["shared"]
+
+        def ratio(key):
+            a, b = s.get(key), p.get(key)
+            return f"{a / b:.3g}x" if a is not None and b else "—"
+
+        toks = f"{s['tokens_in']} -> {s['tokens_run']}" if "tokens_in" in s else "—"
+        out.append(
+            f"| {case} | {toks} | {_fmt_time(p['median_s'])} | {_fmt_time(s['median_s'])} | "
+            f"{p['median_s'] / s['median_s']:.3g}x | {_fmt_bytes(p.get('saved_activation_bytes'))} -> "
+            f"{_fmt_bytes(s.get('saved_activation_bytes'))} | {ratio('saved_activation_bytes')} | "
+            f"{_fmt_bytes(p.get('peak_mem_over_inputs_bytes'))} -> {_fmt_bytes(s.get('peak_mem_over_inputs_bytes'))} | "
+            f"{ratio('peak_mem_over_inputs_bytes')} |")
+    return out + [""]
 
 
 def chart(bench: dict, path: Path) -> Path | None:
@@ -457,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="fastlora bench", description="run the benchmark suite and write its results")
-    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="problem sizes (default: tiny; prefix-cpu for --only prefix on a CPU)")
     p.add_argument("--only", default=None, help=f"comma-separated areas among {', '.join(AREAS)}")
     p.add_argument("--results-dir", default=None)
     a = p.parse_args(argv)

@@ -244,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmark suite (fastlora.bench)",
                            description=f"Run the benchmark suite. Presets: {', '.join(PRESETS)}. "
                                        f"Areas: {', '.join(AREAS)}.")
-    bench.add_argument("--preset", default="tiny", choices=PRESETS or None,
-                       help=f"problem sizes: {', '.join(PRESETS)} (default: tiny)")
+    bench.add_argument("--preset", default=None, choices=PRESETS or None,
+                       help=f"problem sizes: {', '.join(PRESETS)} (default: tiny; prefix-cpu for --only prefix "
+                            "on a CPU)")
     bench.add_argument("--only", nargs="+", default=None, metavar="AREA",
                        help=f"run only these areas: {', '.join(AREAS)} (default: all)")
     bench.add_argument("--results-dir", default=None,

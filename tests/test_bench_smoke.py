@@ -1,6 +1,6 @@
 """Smoke test of the benchmark suite: ``fastlora bench --preset tiny`` on this CPU.
 
-It runs the whole tiny suite once (a subprocess; about half a minute on 2 cores) and
+It runs the whole tiny suite once (a subprocess; under a minute on 2 cores) and
 checks what CI promises: every equal-result check ran and passed before anything was
 timed, every provider that did not run says why, and the results files were written.
 Speed is never asserted. The cheap tests below pin the harness's own failure modes.
@@ -50,8 +50,23 @@ def test_tiny_preset_runs_checks_and_writes_results(tmp_path):
     reasons = " ".join(s["reason"] for s in meta["skipped"])
     assert "liger-kernel" in reasons and "cut-cross-entropy" in reasons
 
+    # the shared-prefix area: both providers of each case, the shared one ran fewer tokens and
+    # saved fewer activation bytes for backward (exact counts, not timings)
+    prefix = {}
+    for e in timed:
+        if e["area"] == "prefix":
+            prefix.setdefault(e["case"], {})[e["provider"]] = e
+    assert prefix and all(set(by) == {"shared", "plain"} for by in prefix.values()), prefix.keys()
+    for by in prefix.values():
+        s, p = by["shared"], by["plain"]
+        assert 0 < s["tokens_run"] < s["tokens_in"] == s["rows"] * s["seq"], s
+        assert 0 < s["saved_activation_bytes"] < p["saved_activation_bytes"]
+        assert s["saved_weight_bytes"] == p["saved_weight_bytes"] > 0
+        assert s["loss_rel_err"] <= 1e-5 and s["lora_grads_rel_err"] <= 1e-4
+
     md = jsons[0].with_suffix(".md").read_text()
     assert "## Ratios against each peer" in md and "## Providers not measured" in md
+    assert "## Shared prefix: shared against plain" in md
     assert jsons[0].with_suffix(".png").stat().st_size > 0
 
 
@@ -103,6 +118,63 @@ def test_nf4_inputs_need_no_bitsandbytes(monkeypatch):
     assert torch.equal(H.nf4_dequantize_eager(packed, qs, torch.bfloat16), expected)
 
 
+def test_saved_for_backward_counts_each_storage_once():
+    from benchmarks import harness as H
+
+    w = torch.randn(8, 4, requires_grad=True)  # a "weight": counted apart
+    x = torch.randn(3, 8, requires_grad=True)
+
+    def step():
+        h = x @ w  # saves x and w
+        y = h[:, :2].exp() + h[:, 2:].exp()  # saves both outputs of exp: two storages of 3x2
+        return (y * x[:, :2]).sum()  # saves y and a view of x (x's storage again)
+
+    out, saved = H.saved_for_backward(step, exclude=[w])
+    assert saved["saved_weight_bytes"] == w.numel() * 4
+    assert saved["saved_activation_bytes"] == (x.numel() + 3 * 2 * 3) * 4  # x, two exp outputs, y
+    out.backward()  # the graph and its gradients are those of a run without the hooks
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    step().backward()
+    assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+def test_prefix_batches_share_what_the_trainers_share():
+    from benchmarks import bench_prefix as BP
+    from benchmarks import harness as H
+    from fastlora.patch.prefix_plan import CostModel, plan_batch
+
+    env = H.Env(preset=H.PRESETS["tiny"], device=torch.device("cpu"), dtype=torch.float32, ceilings={},
+                cache_bytes=0)
+    grpo = H.PrefixCase("grpo", groups=3, group_size=4, prompt=10, response=5)
+    ids, mask, labels = BP.batch(env, grpo, vocab=1000, seed=0)
+    assert ids.shape == (12, 15) and bool(mask.all())
+    assert torch.equal(ids[:4, :10], ids[0, :10].expand(4, -1)) and not torch.equal(ids[0, :10], ids[4, :10])
+    assert bool((labels[:, :10] == -100).all()) and torch.equal(labels[:, 10:], ids[:, 10:])
+    dpo = H.PrefixCase("dpo", groups=3, group_size=2, prompt=10, response=5)
+    ids, mask, labels = BP.batch(env, dpo, vocab=1000, seed=0)
+    assert torch.equal(ids[:3, :10], ids[3:, :10])  # chosen rows, then rejected rows
+    assert not torch.equal(ids[:3, 10:], ids[3:, 10:])
+    # one node per prompt token and per response token
+    plan = plan_batch(ids, mask, CostModel(1.0, 0.0), min_saving=0.0)
+    assert int((plan.rep >= 0).sum()) == 3 * 10 + 6 * 5
+    with pytest.raises(ValueError, match="kind"):
+        BP.batch(env, H.PrefixCase("ppo", 1, 1, 1, 1), vocab=10, seed=0)
+    # the presets hold issue 23's shapes
+    cases = {c.kind: c for c in H.PRESETS["prefix-cpu"].prefix_cases}
+    assert (cases["grpo"].rows, cases["grpo"].seq, cases["dpo"].rows, cases["dpo"].seq) == (32, 640, 16, 384)
+    assert H.PRESETS["llama3-8b"].prefix_cases == H.PRESETS["prefix-cpu"].prefix_cases
+    assert H.PRESETS["llama3-8b"].prefix_model.layers == 30 and H.PRESETS["prefix-cpu"].prefix_model.layers == 2
+
+
+def test_default_preset():
+    assert bench.default_preset(["nf4"]) == "tiny"
+    assert bench.default_preset(["prefix", "nf4"]) == "tiny"
+    assert bench.default_preset(["prefix"], ["--bench-device", "cpu"]) == "prefix-cpu"
+    assert bench.default_preset(["prefix"], ["--bench-device=cuda"]) == "tiny"
+    assert bench.default_preset(["prefix"]) == ("tiny" if torch.cuda.is_available() else "prefix-cpu")
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         bench.run(preset="huge")
@@ -111,6 +183,7 @@ def test_bad_arguments():
     assert bench._areas("nf4,train_step") == ["nf4", "train_step"]
     # the training step runs last: Liger's patch there cannot be undone
     assert bench._areas(["train_step", "generation"]) == ["generation", "train_step"]
+    assert bench._areas("train_step,prefix") == ["prefix", "train_step"]
 
 
 def _row(area, case, provider, family, t, mem):
