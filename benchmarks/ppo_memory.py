@@ -200,10 +200,11 @@ def live_tensor_bytes(device_type: str = "cpu", *, collect: bool = True) -> int:
             continue
         try:
             st = obj.untyped_storage()
+            ptr = st.data_ptr()  # fake tensors (left by torch.compile's tracing) have none
         except (RuntimeError, NotImplementedError):  # a tensor without storage (wrapper subclasses)
             continue
         if st.nbytes():
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            storages[ptr] = max(storages.get(ptr, 0), st.nbytes())
     return sum(storages.values())
 
 

@@ -157,7 +157,7 @@ def test_prefix_batches_share_what_the_trainers_share():
     assert not torch.equal(ids[:3, 10:], ids[3:, 10:])
     # one node per prompt token and per response token
     plan = plan_batch(ids, mask, CostModel(1.0, 0.0), min_saving=0.0)
-    assert int((plan.rep >= 0).sum()) == 3 * 10 + 6 * 5
+    assert plan.gather[mask.bool()].unique().numel() == 3 * 10 + 6 * 5
     with pytest.raises(ValueError, match="kind"):
         BP.batch(env, H.PrefixCase("ppo", 1, 1, 1, 1), vocab=10, seed=0)
     # the presets hold issue 23's shapes
