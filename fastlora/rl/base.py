@@ -120,7 +120,8 @@ class SharedBase(nn.Module):
     the first adapter exists); ``base.lm`` the transformers causal LM inside it.
     """
 
-    def __init__(self, lm: nn.Module, *, patch: bool = True, head_dtype: torch.dtype = torch.float32):
+    def __init__(self, lm: nn.Module, *, patch: bool = True, head_dtype: torch.dtype = torch.float32,
+                 share_prefix: bool = True):
         super().__init__()
         from ..patch.head import _decoder, is_causal_lm
 
@@ -135,6 +136,7 @@ class SharedBase(nn.Module):
         self.heads = nn.ModuleDict()
         self.roles: dict[str, RoleSpec] = {"reference": RoleSpec(adapter=None, kind="lm")}
         self.patched = bool(patch)
+        self.share_prefix = bool(share_prefix)
         self.head_dtype = head_dtype
         self._active: str | None = None
         self._spec = None
@@ -143,12 +145,15 @@ class SharedBase(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module, *, patch: bool = True, roles: dict[str, str] | None = None,
-                   trainable: Sequence[str] = (), head_dtype: torch.dtype = torch.float32) -> "SharedBase":
+                   trainable: Sequence[str] = (), head_dtype: torch.dtype = torch.float32,
+                   share_prefix: bool = True) -> "SharedBase":
         """Wrap a loaded (bnb 4-bit) causal LM, or a PEFT model around one.
 
         A PEFT model's adapters are kept (frozen unless named in ``trainable``); ``roles``
         maps role names to existing adapter names, e.g. ``{"reference": "default"}`` to
-        make a loaded SFT adapter the reference. ``patch`` runs ``fastlora.patch``.
+        make a loaded SFT adapter the reference. ``patch`` runs ``fastlora.patch``, with
+        ``share_prefix`` (every role's forward then runs the tokens its rows share once:
+        a preference pair's prompt, a GRPO group's prompt, the system prompt).
         """
         peft = _peft_model_type()
         if peft is not None and isinstance(model, peft):
@@ -158,13 +163,13 @@ class SharedBase(nn.Module):
                                  f"{sorted({str(c.peft_type.value) for c in model.peft_config.values()})}")
             for name in model.peft_config:
                 _check_name("adapter", name)
-            self = cls(model.get_base_model(), patch=False, head_dtype=head_dtype)
+            self = cls(model.get_base_model(), patch=False, head_dtype=head_dtype, share_prefix=share_prefix)
             self.model = model
             for name in model.peft_config:
                 self.roles.setdefault(name, RoleSpec(adapter=name, kind="lm", trainable=name in trainable))
             self.patched = bool(patch)
         else:
-            self = cls(model, patch=False, head_dtype=head_dtype)
+            self = cls(model, patch=False, head_dtype=head_dtype, share_prefix=share_prefix)
             self.patched = bool(patch)
         for role, adapter in (roles or {}).items():
             self.add_role(role, adapter=adapter, trainable=role in trainable)
@@ -494,58 +499,6 @@ class SharedBase(nn.Module):
         values = self.head_values(role, self.hidden_states(role, input_ids, attention_mask), attention_mask)
         return values.gather(1, idx.to(values.device).unsqueeze(1)).squeeze(1)
 
-    def score_continuations(self, role: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                            cont_ids: torch.Tensor, cont_mask: torch.Tensor) -> torch.Tensor:
-        """(B*k,) scores of k continuations per prompt, running each prompt ONCE.
-
-        prompt_ids, prompt_mask: (B, Lp), LEFT-padded (every row ends at its last token);
-        cont_ids, cont_mask: (B*k, Lc), right-padded; row b*k + j continues prompt b.
-        Equals ``score(role, cat(prompt, continuation))`` up to rounding: the prompt's keys and
-        values (with their autograd graph) are repeated k times and the continuations attend
-        to them, at the positions they would have in the whole sequence. A preference pair
-        (k = 2) costs prompt + 2 responses tokens instead of 2 x (prompt + response); GRPO's
-        k samples per prompt can use it as well. Needs a decoder that takes a cache (and no
-        gradient checkpointing, which turns the cache off).
-        """
-        from ..patch.head import _decoder
-
-        prompt_ids, prompt_mask = _check_batch(prompt_ids, prompt_mask)
-        cont_ids, cont_mask = _check_batch(cont_ids, cont_mask)
-        B, N = prompt_ids.shape[0], cont_ids.shape[0]
-        if N % B:
-            raise ValueError(f"{N} continuations do not divide among {B} prompts")
-        k = N // B
-        if role not in self.heads:
-            raise ValueError(f"role {role!r} has no head (roles with heads: {sorted(self.heads)})")
-        if bool((prompt_mask[:, -1] == 0).any()):
-            raise ValueError("prompts must be left-padded: some row's last position is padding")
-        idx = last_token_index(cont_mask)  # also refuses an empty continuation
-        with self.activate(role):
-            self._protect(self.model)
-            dec = _decoder(self.lm)
-            out = dec(input_ids=prompt_ids, attention_mask=prompt_mask,
-                      position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
-            # transformers 5.2x returns it as .cache (the old name .past_key_values warns)
-            cache = out.get("cache") if hasattr(out, "get") else None
-            if cache is None:
-                cache = getattr(out, "past_key_values", None)
-            if cache is None:
-                raise ValueError(f"{type(dec).__name__} returned no cache (gradient checkpointing on?); "
-                                 "score whole sequences instead")
-            if k > 1:
-                cache.batch_repeat_interleave(k)
-            start = prompt_mask.long().sum(1).repeat_interleave(k)  # (N,) length of each row's prompt
-            pos = start[:, None] + position_ids_from_mask(cont_mask)
-            mask = torch.cat([prompt_mask.repeat_interleave(k, 0).to(cont_mask.dtype), cont_mask], 1)
-            # transformers 5.2x renamed past_key_values to cache (the old name warns)
-            import inspect
-
-            cache_kw = "cache" if "cache" in inspect.signature(dec.forward).parameters else "past_key_values"
-            out = dec(input_ids=cont_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, Lc, H)
-        values = self.head_values(role, hidden, cont_mask)
-        return values.gather(1, idx.to(values.device).unsqueeze(1)).squeeze(1)
-
     def _head_spec(self):
         if self._spec is None:
             from ..patch import _bind
@@ -720,7 +673,7 @@ class SharedBase(nn.Module):
             # only (patch would warn "accelerated no LoRA layer"); the layers are patched below
             # as add_role creates them.
             has_lora = any(lora_patch.is_lora_layer(m) for m in self.model.modules())
-            fastlora.patch(self.model, lora=has_lora)
+            fastlora.patch(self.model, lora=has_lora, share_prefix=self.share_prefix)
             self._spec = None
             return
         for m in self.model.modules():

@@ -232,23 +232,11 @@ def encode_pairs(pairs: list[dict], tokenizer, fmt: str, *, max_length: int) -> 
         if c == r:
             raise ValueError(f"{p.get('_where', 'a pair')}: chosen and rejected are identical after truncation to "
                              f"the last {max_length} tokens; raise max_length")
-        item["shared"] = shared_prefix(c, r)
         for k in ("kind", "_where"):
             if k in p:
                 item[k] = p[k]
         out.append(item)
     return out, stats
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """Tokens the two sequences share at the start (their common prompt), leaving each at least
-    one token of its own to score."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return min(n, len(a) - 1, len(b) - 1)
 
 
 def _pad(seqs: list[list[int]], pad_token_id: int, *, left: bool = False):
@@ -269,18 +257,6 @@ def _margins(items: list[dict]):
     import torch
 
     return torch.tensor([float(it["margin"]) for it in items], dtype=torch.float32)
-
-
-def collate_shared(items: list[dict], pad_token_id: int):
-    """For ``SharedBase.score_continuations``: the B shared prompts LEFT-padded (B, Lp), and the
-    2B continuations right-padded (2B, Lc), chosen then rejected for each pair (row 2i, 2i+1)."""
-    if any(it["shared"] < 1 for it in items):
-        raise ValueError("a pair shares no prompt token; collate whole sequences with collate_pairs")
-    p_ids, p_mask = _pad([it["chosen_ids"][: it["shared"]] for it in items], pad_token_id, left=True)
-    conts = [seq[it["shared"]:] for it in items for seq in (it["chosen_ids"], it["rejected_ids"])]
-    c_ids, c_mask = _pad(conts, pad_token_id)
-    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "cont_ids": c_ids, "cont_mask": c_mask,
-            "margin": _margins(items)}
 
 
 def collate_pairs(items: list[dict], pad_token_id: int):

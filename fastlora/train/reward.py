@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..patch.prefix import PrefixMeter
 from . import checkpoint as ckpt
 from .config import SFTConfig, SCHEDULERS, OPTIMIZERS, DTYPES, PARALLEL
 
@@ -54,6 +55,7 @@ class RewardConfig:
     dtype: str = "auto"
     device: str = "auto"
     patch: bool = True
+    share_prefix: bool = True  # a pair's prompt (and the system prompt) runs once: fastlora.patch's share_prefix
 
     # --- data ---
     data: list[str] | None = None  # preference files; None = the embedded healthcare pairs
@@ -177,23 +179,17 @@ def load_data(cfg: RewardConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- scoring
-def pair_scores(base, items: list[dict], pad_token_id: int, device, *, shared: bool = True,
+def pair_scores(base, items: list[dict], pad_token_id: int, device, *,
                 role: str = "reward") -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(r_chosen (B,), r_rejected (B,), tokens run) of a batch of encoded pairs.
+    """(r_chosen (B,), r_rejected (B,), real tokens) of a batch of encoded pairs.
 
-    With ``shared`` (and a common prompt in every pair) the prompt runs once and both
-    responses continue from its cache (``SharedBase.score_continuations``): a pair costs
-    prompt + 2 responses tokens instead of 2 x (prompt + response). Otherwise the 2B whole
-    sequences run in one batch. Both give the same scores up to rounding (tested)."""
-    from .pairs import collate_pairs, collate_shared
+    The 2B whole sequences run as one batch (chosen rows, then rejected rows). On a base
+    patched with shared prefixes (the default) a pair's prompt, and the system prompt all
+    pairs start with, run once inside the decoder, with the same scores and gradients as
+    the plain batch (``fastlora.patch``'s ``share_prefix``)."""
+    from .pairs import collate_pairs
 
     B = len(items)
-    if shared and all(it["shared"] >= 1 for it in items):
-        b = collate_shared(items, pad_token_id)
-        scores = base.score_continuations(role, b["prompt_ids"].to(device), b["prompt_mask"].to(device),
-                                          b["cont_ids"].to(device), b["cont_mask"].to(device))
-        tokens = int(b["prompt_mask"].sum() + b["cont_mask"].sum())
-        return scores[0::2], scores[1::2], tokens
     b = collate_pairs(items, pad_token_id)
     scores = base(role, b["input_ids"].to(device), b["attention_mask"].to(device))
     return scores[:B], scores[B:], int(b["attention_mask"].sum())
@@ -202,7 +198,7 @@ def pair_scores(base, items: list[dict], pad_token_id: int, device, *, shared: b
 # ----------------------------------------------------------------- evaluation
 @torch.no_grad()
 def score_pairs(base, items: list[dict], pad_token_id: int, *, batch_size: int = 16,
-                role: str = "reward", shared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                role: str = "reward") -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores, rejected scores), each (N,) float32, in the order of ``items``."""
     was_training = base.training
     base.eval()
@@ -214,7 +210,7 @@ def score_pairs(base, items: list[dict], pad_token_id: int, *, batch_size: int =
         device = next(base.lm.parameters()).device
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            c, r, _ = pair_scores(base, [items[i] for i in idx], pad_token_id, device, shared=shared, role=role)
+            c, r, _ = pair_scores(base, [items[i] for i in idx], pad_token_id, device, role=role)
             rc[idx], rr[idx] = c.float().cpu(), r.float().cpu()
     finally:
         base.train(was_training)
@@ -238,16 +234,14 @@ def _evaluate(base, items, pad_id, cfg, fsdp: bool = False) -> tuple[dict, torch
     """Pairwise metrics and the (chosen, rejected) scores of ``items``, in their order. Under
     torchrun each rank scores its share (``distributed.shard``) and the scores are gathered
     back in order. Under FSDP the ranks must run the same forwards: every share is padded to
-    the largest with copies of the first pair (scored, then dropped), and every batch runs
-    whole sequences (the shared-prompt path runs two forwards, on batches that differ by rank)."""
+    the largest with copies of the first pair (scored, then dropped)."""
     from . import distributed as dist
 
     mine = dist.shard(items)
     n = len(mine)
     if fsdp:
         mine = mine + [items[0]] * (math.ceil(len(items) / dist.world_size()) - n)
-    rc, rr = score_pairs(base, mine, pad_id, batch_size=cfg.eval_batch_size,
-                         shared=not cfg.gradient_checkpointing and not fsdp)
+    rc, rr = score_pairs(base, mine, pad_id, batch_size=cfg.eval_batch_size)
     pairs = dist.gather_in_order(list(zip(rc[:n].tolist(), rr[:n].tolist())), len(items))
     rc, rr = torch.tensor([c for c, _ in pairs]), torch.tensor([r for _, r in pairs])
     return pairwise_metrics(rc, rr, [it.get("kind") for it in items]), rc, rr
@@ -348,7 +342,7 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
-    base = SharedBase.from_model(lm, patch=cfg.patch)
+    base = SharedBase.from_model(lm, patch=cfg.patch, share_prefix=cfg.share_prefix)
     if cfg.init_adapter:
         # the SFT adapter (or an earlier reward model) as the starting point; a SEQ_CLS dir brings its head
         base.add_role("reward", from_pretrained=cfg.init_adapter, trainable=True, seed=cfg.seed)
@@ -360,8 +354,7 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
     sync = dist.wrap_fsdp(base.lm, root=base.lm.get_decoder()).get_decoder() if fsdp else base
     base.heads.to(device)  # under FSDP the base was loaded on the host; fully_shard moved its units
     params = base.trainable_parameters(["reward"])  # after sharding: FSDP swaps in its DTensor parameters
-    # checkpointing turns the prompt cache off; FSDP needs one forward per micro-batch (see _evaluate)
-    shared = not cfg.gradient_checkpointing and not fsdp
+    prefix_meter = PrefixMeter(base)
     optimizer = make_optimizer(cfg, params, device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     sharded = base if cfg.parallel == "fsdp" else None  # parallel='fsdp' checkpoints hold DCP shards
@@ -420,24 +413,25 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
                 state["micro"] += 1
             n_total = sum(len(idx) for _, idx in batches)  # the step's pairs on every rank: known to all
             loss_sum, correct, margin_sum, tokens = 0.0, 0, 0.0, 0
-            for i, (items, idx) in enumerate(batches):
-                if not items and not fsdp:
-                    continue  # a short last batch left this rank nothing: it adds zeros to the average
-                # FSDP: every rank runs every forward; one left without pairs scores a filler, weight 0
-                run = items or [train_items[idx[0]]]
-                with dist.grad_sync(sync, i == len(batches) - 1):
-                    rc, rr, n_tok = pair_scores(base, run, pad_id, device, shared=shared)
-                    margin = torch.tensor([float(it["margin"]) for it in run], device=device)
-                    loss = reward_loss(rc, rr, margin, center=cfg.center)
-                    # mean over the micro-batch's pairs x its share of the step's pairs (all ranks) =
-                    # mean over the global batch; x world: the gradients are averaged over the ranks
-                    (loss * (len(items) / n_total * world)).backward()
-                if items:
-                    loss_sum += float(loss.detach()) * len(items)
-                    diff = (rc - rr).detach().float()
-                    correct += int((diff > 0).sum())
-                    margin_sum += float(diff.sum())
-                    tokens += n_tok
+            with prefix_meter.window() as prefix:  # this step's training forwards only
+                for i, (items, idx) in enumerate(batches):
+                    if not items and not fsdp:
+                        continue  # a short last batch left this rank nothing: it adds zeros to the average
+                    # FSDP: every rank runs every forward; one left without pairs scores a filler, weight 0
+                    run = items or [train_items[idx[0]]]
+                    with dist.grad_sync(sync, i == len(batches) - 1):
+                        rc, rr, n_tok = pair_scores(base, run, pad_id, device)
+                        margin = torch.tensor([float(it["margin"]) for it in run], device=device)
+                        loss = reward_loss(rc, rr, margin, center=cfg.center)
+                        # mean over the micro-batch's pairs x its share of the step's pairs (all ranks) =
+                        # mean over the global batch; x world: the gradients are averaged over the ranks
+                        (loss * (len(items) / n_total * world)).backward()
+                    if items:
+                        loss_sum += float(loss.detach()) * len(items)
+                        diff = (rc - rr).detach().float()
+                        correct += int((diff > 0).sum())
+                        margin_sum += float(diff.sum())
+                        tokens += n_tok
             dist.average_gradients(params)
             loss_sum, correct, margin_sum, tokens = dist.all_sum([loss_sum, correct, margin_sum, tokens])
             correct, tokens = int(correct), int(tokens)
@@ -452,7 +446,7 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
             rec = {"step": step, "loss": loss_sum / n_total, "accuracy": correct / n_total,
                    "mean_margin": margin_sum / n_total, "lr": lr, "grad_norm": grad_norm, "pairs": n_total,
                    "tokens": tokens, "pairs_per_second": n_total / dt if dt > 0 else None,
-                   "epoch": state["micro"] / micro_per_epoch}
+                   "epoch": state["micro"] / micro_per_epoch, "tokens_run_fraction": prefix["tokens_run_fraction"]}
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.write(rec)
             state["history"].append({"step": step, "loss": rec["loss"]})
@@ -491,6 +485,9 @@ def _reward(cfg: RewardConfig, log, on_step) -> dict:
         "starts_from": f"adapter {cfg.init_adapter}" if cfg.init_adapter else "base model (no SFT adapter)",
         "device": str(device),
         "patched": bool(cfg.patch),
+        "share_prefix": bool(cfg.patch and cfg.share_prefix),
+        # positions the decoder layers ran / real tokens, over the training forwards (this rank)
+        "tokens_run_fraction": prefix_meter.total_fraction,
         "steps": step,
         "total_steps": total_steps,
         "train_pairs": len(train_items),

@@ -231,36 +231,33 @@ def _linear_shapes():
     return per_layer * tiny.LAYERS
 
 
-def test_score_continuations_equals_whole_sequences(tiny_path):
-    """Prompt run once, k continuations on its cache: same scores and gradients as whole rows."""
-    base = _base(tiny_path, roles=("reward",))
-    base.train()
+def test_pairs_share_their_prompt_inside_the_decoder(tiny_path):
+    """Preference pairs scored as whole rows on a base patched with shared prefixes: the
+    same scores and gradients as without, the prompts run once (one mechanism, in patch)."""
+    import fastlora
+    from fastlora.patch import prefix
+
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (5, 3)]
     conts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (2, 4, 1, 3)]  # 2 per prompt
-    Lp, Lc = 5, 4
-    p_ids = torch.zeros(2, Lp, dtype=torch.long)
-    p_mask = torch.zeros(2, Lp, dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding
-        p_ids[i, Lp - len(p):], p_mask[i, Lp - len(p):] = p, 1
-    c_ids = torch.zeros(4, Lc, dtype=torch.long)
-    c_mask = torch.zeros(4, Lc, dtype=torch.long)
-    for i, c in enumerate(conts):  # right padding
-        c_ids[i, :len(c)], c_mask[i, :len(c)] = c, 1
     whole = [torch.cat([prompts[i // 2], conts[i]]) for i in range(4)]
-    w_ids = torch.zeros(4, 9, dtype=torch.long)
-    w_mask = torch.zeros(4, 9, dtype=torch.long)
+    ids = torch.zeros(4, 9, dtype=torch.long)
+    mask = torch.zeros(4, 9, dtype=torch.long)
     for i, w in enumerate(whole):
-        w_ids[i, :len(w)], w_mask[i, :len(w)] = w, 1
-    params = base.trainable_parameters()
+        ids[i, :len(w)], mask[i, :len(w)] = w, 1
     wts = torch.tensor([1.0, -2.0, 0.5, 3.0])
-
-    got = base.score_continuations("reward", p_ids, p_mask, c_ids, c_mask)
-    g_got = torch.autograd.grad((got * wts).sum(), params)
-    want = base("reward", w_ids, w_mask)
-    g_want = torch.autograd.grad((want * wts).sum(), params)
-    assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_got, g_want):
-        assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
-    with pytest.raises(ValueError, match="left-padded"):
-        base.score_continuations("reward", p_ids.flip(1), p_mask.flip(1), c_ids, c_mask)
+    out = {}
+    for share in (True, False):
+        base = SharedBase.from_model(tiny.load_4bit(tiny_path), share_prefix=share)
+        base.add_role("reward", tiny.lora_config(), seed=10)
+        prefix.set_min_saving(base, float("-inf"))
+        base.train()
+        params = base.trainable_parameters()
+        s = base("reward", ids, mask)
+        out[share] = (s, torch.autograd.grad((s * wts).sum(), params), fastlora.shared_prefix_stats(base))
+    (got, g_got, stats), (want, g_want, off) = out[True], out[False]
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):  # fp32 sums in another order: relative to the gradient's norm
+        assert b.abs().max() > 0 and ((a - b).norm() / b.norm()).item() <= 1e-5
+    assert stats["shared_calls"] == 1 and stats["tokens_run"] < stats["tokens_in"], stats
+    assert off["calls"] == 0

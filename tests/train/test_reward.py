@@ -159,3 +159,20 @@ def test_cli_rm_and_bad_data(tiny_model_dir, prefs, tmp_path, capsys):
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (out, out2))
     assert s2["starts_from"] == f"adapter {out / 'adapter'}"
     assert s2["mean_margin_before"] == pytest.approx(s1["mean_margin_after"], rel=1e-4, abs=1e-5)
+
+
+def test_shared_prefix_run_equals_the_plain_one(tiny_model_dir, prefs, tmp_path):
+    """A pair's prompt runs once inside the patched decoder (--share-prefix, the default):
+    the same losses as --no-share-prefix, fewer positions through the decoder layers."""
+    runs = {}
+    for share in (True, False):
+        out = tmp_path / str(share)
+        summary = reward(_cfg(tiny_model_dir, prefs, out, max_steps=3, share_prefix=share))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[share] = (summary, [r for r in rows if "event" not in r])
+    (on, rows_on), (off, rows_off) = runs[True], runs[False]
+    assert [r["loss"] for r in rows_on] == pytest.approx([r["loss"] for r in rows_off], rel=1e-5)
+    assert all(0 < r["tokens_run_fraction"] < 1 for r in rows_on)
+    assert all(r["tokens_run_fraction"] is None for r in rows_off)
+    assert on["share_prefix"] is True and off["share_prefix"] is False
+    assert 0 < on["tokens_run_fraction"] < 1 and off["tokens_run_fraction"] is None
