@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="passed to every run (default: each run's own; see fastlora sft --help)")
     cmp.add_argument("--data", nargs="+", default=None,
                      help="passed to every run (default: the embedded task; see fastlora sft --help)")
+    cmp.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=None,
+                     help="passed to every run: " + _HELP["share_prefix"] + " (default: on)")
 
     from .train.ppo_config import PPOConfig
 
@@ -281,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads, >= 1 (default: torch's choice)")
     rlhf.add_argument("--cache-dir", default=None,
                       help="where the embedded GGUF model is converted once (default: ~/.cache/fastlora)")
+    rlhf.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                      help="every stage: " + _HELP["share_prefix"] + " (default: on)")
 
     sub.add_parser("info", help="print the backends available on this machine")
     _add_generate_parsers(sub)
@@ -371,7 +375,7 @@ def _cmd_rlhf(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     with _launched_by_torchrun():
-        rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+        rlhf(runs_dir=args.runs_dir, cache_dir=args.cache_dir, share_prefix=args.share_prefix)
     return 0
 
 
@@ -416,7 +420,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .train.compare import CompareConfig, compare
 
-    keys = ("model", "max_steps", "test_max_examples", "batch_size", "data")
+    keys = ("model", "max_steps", "test_max_examples", "batch_size", "data", "share_prefix")
     options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     methods = {"methods": args.peft} if args.peft else {}
     compare(CompareConfig(output_dir=args.output_dir, threads=args.threads, jobs=args.jobs, sft_options=options,

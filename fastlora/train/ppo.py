@@ -59,6 +59,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..patch.prefix import PrefixMeter
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import run as lifecycle
@@ -306,7 +307,7 @@ def build_base(cfg: PPOConfig, lm, sft_adapter: Path | None, reward_dir: Path | 
     """The shared base with the roles this run needs (see the module docstring), in eval mode."""
     from fastlora.rl.base import SharedBase
 
-    base = SharedBase.from_model(lm, patch=cfg.patch)
+    base = SharedBase.from_model(lm, patch=cfg.patch, share_prefix=cfg.share_prefix)
     fresh = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
     if sft_adapter is not None:
         base.add_role("policy", from_pretrained=sft_adapter, trainable=True)
@@ -813,6 +814,7 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
     per = cfg.group_size if cfg.advantage == "grpo" else 1
     bar = log.progress(cfg.max_steps, initial=step, desc=f"ppo ({cfg.advantage})", log_every=cfg.log_every)
     stopped_early = False
+    prefix_meter = PrefixMeter(base)
     try:
         while step < cfg.max_steps:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -824,25 +826,27 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
                     items.extend([prompts[order[pos]]] * per)
                 state["cursor"] += 1
             ro, rst = make_rollout(base, tokenizer, cfg, items, step)
-            scores, ok = scorer(ro)
-            skipped = int((~ok).sum())
-            keep = _kept_rows(ok, per) if skipped else list(range(len(ok)))
-            if dist.all_sum([not keep])[0]:  # a rank without rows would have nothing to update with
-                log(f"step {step + 1}: every sample's reward failed" + (" on some rank" if world > 1 else "")
-                    + "; rollout skipped")
-                step += 1
-                continue
-            if skipped:
-                ro, scores = ro.select(keep), scores[torch.tensor(keep)]
-            baseline = None
-            if cfg.score_baseline == "greedy":
-                baseline, ok_b = greedy_scores(base, tokenizer, cfg, items, scorer, step)
+            # scoring (reward, reference, values) and the updates: this step's own forwards, not generation's
+            with prefix_meter.window() as prefix:
+                scores, ok = scorer(ro)
+                skipped = int((~ok).sum())
+                keep = _kept_rows(ok, per) if skipped else list(range(len(ok)))
+                if dist.all_sum([not keep])[0]:  # a rank without rows would have nothing to update with
+                    log(f"step {step + 1}: every sample's reward failed" + (" on some rank" if world > 1 else "")
+                        + "; rollout skipped")
+                    step += 1
+                    continue
                 if skipped:
-                    baseline, ok_b = baseline[torch.tensor(keep)], ok_b[torch.tensor(keep)]
-                baseline = torch.where(ok_b, baseline, scores)  # no baseline where its reward failed
-            beta = kl_ctl.value
-            batch, bst = prepare_batch(base, cfg, ro, scores, beta, baseline)
-            ust = ppo_updates(base, cfg, batch, optimizer, params, step, beta)
+                    ro, scores = ro.select(keep), scores[torch.tensor(keep)]
+                baseline = None
+                if cfg.score_baseline == "greedy":
+                    baseline, ok_b = greedy_scores(base, tokenizer, cfg, items, scorer, step)
+                    if skipped:
+                        baseline, ok_b = baseline[torch.tensor(keep)], ok_b[torch.tensor(keep)]
+                    baseline = torch.where(ok_b, baseline, scores)  # no baseline where its reward failed
+                beta = kl_ctl.value
+                batch, bst = prepare_batch(base, cfg, ro, scores, beta, baseline)
+                ust = ppo_updates(base, cfg, batch, optimizer, params, step, beta)
             # the whole step's counts over every rank: the KL controller sees the global KL and episodes
             episodes, skipped, truncated, n_tok = (int(v) for v in dist.all_sum(
                 [len(ro.texts), skipped, int(ro.truncated.sum()), rst["rollout_tokens"]]))
@@ -857,7 +861,7 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
             rec = {"step": step, **bst, **ust, "beta": beta, "skipped": skipped,
                    "truncated": truncated / episodes, "episodes_per_second": episodes / dt,
                    "rollout_tokens_per_second": n_tok / gen_s if gen_s > 0 else None, "step_seconds": dt,
-                   "generate_seconds": gen_s}
+                   "generate_seconds": gen_s, "tokens_run_fraction": prefix["tokens_run_fraction"]}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 metrics.write(rec)
             state["history"].append({"step": step, "score": rec["score"], "kl": rec["kl"]})
@@ -896,6 +900,9 @@ def _ppo(cfg: PPOConfig, log: Console, on_step) -> dict:
         "device": str(device),
         "advantage": cfg.advantage,
         "critic": cfg.critic if cfg.advantage == "gae" else None,
+        "share_prefix": bool(cfg.patch and cfg.share_prefix),
+        # positions the decoder layers ran / real tokens, over scoring and updates (this rank)
+        "tokens_run_fraction": prefix_meter.total_fraction,
         "reward": reward_desc,
         "reference": f"frozen SFT adapter {sft_adapter}" if sft_adapter else "base model (adapters off)",
         "steps": step,

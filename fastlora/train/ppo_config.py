@@ -35,6 +35,7 @@ class PPOConfig:
     dtype: str = "auto"
     device: str = "auto"
     patch: bool = True
+    share_prefix: bool = True  # the tokens a batch's rows share (system prompt, a GRPO group's prompt) run once
     sft_adapter: str | None = None  # the SFT adapter the policy starts from and the reference is (None: embedded default's, or the raw base)
     sft_output_dir: str = "runs/sft"  # embedded default: where the default SFT run is (run first if absent)
 

@@ -36,8 +36,10 @@ def _resume(d: Path) -> bool:
     return ckpt.latest_checkpoint(d) is not None
 
 
-def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Run (or skip) the three stages and return {"sft", "rm", "ppo", "table"}."""
+def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progress: bool = True,
+         share_prefix: bool = True) -> dict:
+    """Run (or skip) the three stages and return {"sft", "rm", "ppo", "table"}; ``share_prefix``
+    is every stage's (the tokens a batch's rows share run once)."""
     runs = Path(runs_dir)
     log = print if progress and dist.is_main() else (lambda *_: None)
     out: dict[str, Any] = {}
@@ -48,13 +50,13 @@ def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progres
         from .sft import sft
 
         return sft(SFTConfig(output_dir=str(sft_dir), cache_dir=cache_dir, progress=progress,
-                             resume=_resume(sft_dir)))
+                             resume=_resume(sft_dir), share_prefix=share_prefix))
 
     def run_rm():
         from .reward import RewardConfig, reward
 
         return reward(RewardConfig(output_dir=str(rm_dir), cache_dir=cache_dir, progress=progress,
-                                   resume=_resume(rm_dir)))
+                                   resume=_resume(rm_dir), share_prefix=share_prefix))
 
     def run_ppo():
         from .ppo import find_reward_adapter, ppo
@@ -62,7 +64,7 @@ def rlhf(runs_dir: str | Path = "runs", *, cache_dir: str | None = None, progres
 
         return ppo(PPOConfig(output_dir=str(ppo_dir), sft_output_dir=str(sft_dir),
                              reward_model=str(find_reward_adapter(rm_dir)), cache_dir=cache_dir,
-                             progress=progress, resume=_resume(ppo_dir)))
+                             progress=progress, resume=_resume(ppo_dir), share_prefix=share_prefix))
 
     stages = (("sft", "SFT", sft_dir, run_sft), ("rm", "reward model", rm_dir, run_rm),
               ("ppo", "PPO", ppo_dir, run_ppo))
