@@ -70,8 +70,7 @@ def eval_loss_sums(model, examples: Sequence[dict], *, pad_token_id: int, batch_
 
     # Longest first keeps padding low; the result does not depend on the order.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    # one per call: batches sharing a system prompt run it once; None: an adapter only
-    # PEFT's own forward runs (every batch then goes through it)
+    # None: an adapter only PEFT's own forward runs (every batch then goes through it)
     runner = None if unsupported_adapter(model) else Runner(model)
     with _eval_mode(model):
         for s in range(0, len(order), batch_size):
@@ -88,37 +87,29 @@ def eval_loss_sums(model, examples: Sequence[dict], *, pad_token_id: int, batch_
 def _batch_loss(model, runner, batch: dict) -> torch.Tensor:
     """Mean loss per trained token of one collated batch, as ``model(**batch).loss``.
 
-    Two things make it cheaper without changing what is measured:
-    - On a patched model the loss runs fused (``fastlora.patch.head.fused_loss``): no
-      (tokens, vocab) logits, and the head only on the trained tokens.
-    - Leading tokens every row shares (a system prompt) whose targets are not trained run
-      once for one row; the rows continue from a copy of that cache. Each row still sees
-      its own tokens at its own positions; only the order of some float sums differs.
-    A prompt-learning adapter's virtual positions come first in every cache
-    (``decode.VirtualPrefix``, what PEFT's forward prepends). FSDP2 (its root forward
+    On a patched model the loss runs fused (``fastlora.patch.head.fused_loss``): no
+    (tokens, vocab) logits, and the head only on the trained tokens; the tokens the rows
+    share (a system prompt) run once inside the patched decoder (shared prefixes), with
+    the same loss. A prompt-learning adapter's virtual positions come first in every row's
+    cache (``decode.VirtualPrefix``, what PEFT's forward prepends). FSDP2 (its root forward
     gathers the weights), packed rows, and prompt tuning where a row's first token is
     trained (PEFT's forward predicts it from the last virtual token, whose logits the
     cached path does not compute) run ``model`` as it is.
     """
-    from ..generate.decode import MIN_SHARED_PREFIX, prefix_cache
     from ..patch.head import fused_loss
     from .distributed import is_fully_sharded
 
     if (runner is None or is_fully_sharded(model) or "attention_mask" not in batch
             or _virtual_targets(runner, batch["labels"])):
         return model(**batch, use_cache=False).loss
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    B, T = ids.shape
-    P = _untrained_shared_prefix(ids, mask, labels)
-    if P < MIN_SHARED_PREFIX and runner.virtual is None:
-        args = {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
+    if runner.virtual is None:
+        args = {**batch, "use_cache": False}
     else:
-        P = P if P >= MIN_SHARED_PREFIX else 0
-        cache = prefix_cache(runner, ids[0, :P].tolist(), B) if P else runner.new_cache(B)
-        # right-padded rows: their own tokens sit at positions P, P+1, ... (pads are masked)
-        pos = torch.arange(P, T, device=ids.device).expand(B, -1)
-        args = runner.inputs(ids[:, P:], mask, pos, cache)
-        args["labels"] = labels[:, P:]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        B, T = ids.shape
+        pos = torch.arange(T, device=ids.device).expand(B, -1)  # after the virtual positions
+        args = runner.inputs(ids, mask, pos, runner.new_cache(B))
+        args["labels"] = batch["labels"]
     fused = fused_loss(runner.lm, **args)
     return fused[0] if fused is not None else runner.lm(**args).loss
 
@@ -131,20 +122,6 @@ def _virtual_targets(runner, labels: torch.Tensor) -> int:
     if runner is None or runner.virtual is None or runner.virtual.kind != "embeddings":
         return 0
     return int((labels[:, 0] != IGNORE_INDEX).sum())
-
-
-def _untrained_shared_prefix(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> int:
-    """Leading tokens that every row has (unmasked) and none of which is the target of a
-    trained position: the targets of positions 0..P-1 are labels[:, 1..P]. Each row keeps
-    at least one token of its own."""
-    if ids.shape[0] < 2:
-        return 0
-    same = (ids == ids[:1]).all(0) & (mask == 1).all(0)
-    P = int(same.long().cumprod(0).sum())
-    trained = (labels[:, 1:] != IGNORE_INDEX).any(0)  # column t: the target of position t
-    if trained.any():
-        P = min(P, int(trained.nonzero()[0, 0]))
-    return max(0, min(P, int(mask.sum(1).min()) - 1))
 
 
 # ------------------------------------------------------------------ generation

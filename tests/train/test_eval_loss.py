@@ -1,5 +1,5 @@
-"""eval_loss: the fused head in eval mode and the shared untrained prefix run once give
-the loss of a plain forward, in float64, on chat data whose rows share a system prompt."""
+"""eval_loss: the fused head in eval mode, with the rows' shared system prompt run once in
+the patched decoder, gives the loss of a plain forward, in float64, on chat data."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,14 @@ import torch
 from tests.train.conftest import classification_records
 
 
-def _model(model_dir, patch: bool):
+def _model(model_dir, patch: bool, share_prefix: bool = True):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     import fastlora
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    torch.manual_seed(0)  # LoRA A's init: the same adapter on every call
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -24,7 +25,7 @@ def _model(model_dir, patch: bool):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
     if patch:
-        fastlora.patch(model)
+        fastlora.patch(model, share_prefix=share_prefix)
     return model
 
 
@@ -70,52 +71,31 @@ def test_eval_loss_matches_plain_forward(tiny_model_dir, smollm_tokenizer, patch
     model = _model(tiny_model_dir, patch)
     ex = _examples(smollm_tokenizer)
     pad = smollm_tokenizer.pad_token_id
-    ref = _reference(model, ex, pad, 5)
 
-    calls = {"fused": 0, "prefix": []}
-    real_fused, real_prefix = head_mod.fused_loss, ev._untrained_shared_prefix
+    import fastlora
+    from tests.patch.fp64 import float64_all_the_way
+
+    calls = {"fused": 0}
+    real_fused = head_mod.fused_loss
 
     def fused(*a, **k):
         out = real_fused(*a, **k)
         calls["fused"] += out is not None
         return out
 
-    def prefix(*a):
-        calls["prefix"].append(real_prefix(*a))
-        return calls["prefix"][-1]
-
     monkeypatch.setattr(head_mod, "fused_loss", fused)
-    monkeypatch.setattr(ev, "_untrained_shared_prefix", prefix)
-    got = ev.eval_loss(model, ex, pad_token_id=pad, batch_size=5)
+    with float64_all_the_way():  # transformers' float32 RMSNorm would hide or fake differences below 1e-7
+        ref = _reference(_model(tiny_model_dir, patch, share_prefix=False), ex, pad, 5)  # every row in full
+        got = ev.eval_loss(model, ex, pad_token_id=pad, batch_size=5)
     # patched: fastlora's float64 cross-entropy; unpatched: transformers' loss, which casts
     # the logits to float32 first
     assert got == pytest.approx(ref, rel=1e-10 if patch else 1e-6, abs=0)
     assert calls["fused"] == (3 if patch else 0)  # 13 rows in batches of 5: every batch fused when patched
-    # the system prompt and the user turn's header are shared; the assistant answer is trained
-    sys_len = len(smollm_tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Classify the query."}], tokenize=True))
-    assert all(p >= sys_len for p in calls["prefix"]), calls["prefix"]
-    # and the figure is not the same with a wrong prefix length: the test can fail
-    monkeypatch.setattr(ev, "_untrained_shared_prefix", lambda *a: real_prefix(*a) + 3)
-    bad = ev.eval_loss(model, ex, pad_token_id=pad, batch_size=5)
-    assert abs(bad - ref) > 1e-6
-
-
-def test_untrained_shared_prefix_rules():
-    from fastlora.train.evaluate import _untrained_shared_prefix as P
-
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9, 0], [1, 2, 3, 4, 7, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
-    none = torch.full_like(ids, -100)
-    assert P(ids, mask, none) == 3  # tokens 1, 2, 3 in every row
-    lab = none.clone()
-    lab[1, 2] = 9  # the target of position 1 is trained: only position 0 may be shared
-    assert P(ids, mask, lab) == 1
-    assert P(ids[:1], mask[:1], none[:1]) == 0  # one row: nothing to share
-    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
-    assert P(same, torch.ones_like(same), torch.full_like(same, -100)) == 2  # each row keeps a token
-    left = torch.tensor([[0, 1, 2], [1, 1, 2]])
-    assert P(left, torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.full_like(left, -100)) == 0  # masked column
+    stats = fastlora.shared_prefix_stats(model)
+    if patch:  # the system prompt and the user turn's header ran once per batch
+        assert stats["shared_calls"] == 3 and stats["tokens_run"] < stats["tokens_in"], stats
+    else:
+        assert stats["calls"] == 0
 
 
 def test_eval_loss_keeps_the_mode_and_prompt_learning_forward(tiny_model_dir, smollm_tokenizer):
