@@ -170,7 +170,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], png_path: str | Path) -> Path:
-    """Four panels per method: trainable %, peak memory, train time, accuracy/retention."""
+    """Four panels per method: trainable %, peak memory, train CPU time, accuracy/retention."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,8 +185,9 @@ def plot(rows: list[dict], png_path: str | Path) -> Path:
     axes[0].set_title("trainable parameters (% of model)")
     axes[1].bar(x, [r["peak_rss_mb"] or 0 for r in ok], color="tab:gray")
     axes[1].set_title("peak RSS of the run (MB)")
-    axes[2].bar(x, [r["train_seconds"] or 0 for r in ok], color="tab:orange")
-    axes[2].set_title("train time (s, wall)")
+    # CPU seconds: on a shared machine (or with --jobs > 1) wall times depend on the neighbours
+    axes[2].bar(x, [r.get("train_cpu_seconds") or 0 for r in ok], color="tab:orange")
+    axes[2].set_title("train time (CPU s of the run)")
     w = 0.27
     axes[3].bar([i - w for i in x], [r["accuracy_before"] or 0 for r in ok], w, label="accuracy before")
     axes[3].bar(list(x), [r["accuracy_after"] or 0 for r in ok], w, label="accuracy after")
