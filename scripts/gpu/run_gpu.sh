@@ -33,7 +33,7 @@ ROOT=$(pwd)
 T0=$SECONDS
 
 PY=python3 DEADLINE=540 MARGIN=15 DRY=0 PRESET=llama3-8b
-AREAS="nf4,lora_linear,cross_entropy,generation,train_step"
+AREAS="nf4,lora_linear,cross_entropy,generation,prefix,train_step"
 while [ $# -gt 0 ]; do
   case "$1" in
     --deadline) DEADLINE="$2"; shift ;;
@@ -169,6 +169,11 @@ step extension 20 5 "$PY" -c "import fastlora._C as c; assert c.with_cuda, 'buil
 step tests 240 60 "$PY" -m pytest -q -p no:cacheprovider -x --triton-autotune one --junitxml "$OUT/junit.xml" \
   tests/test_nf4.py tests/test_lora_linear.py tests/test_cross_entropy.py tests/test_linear_cross_entropy.py \
   tests/test_token_logprobs.py
+
+# shared prefixes on the GPU (issue 23): SDPA with the dense tree mask and FlexAttention with
+# the block mask (transformers compiles flex; CPU inductor cannot build it), against the plain batch
+# (its log is in logs.tar.gz: $OUT returns at most 8 files)
+step prefix-tests 120 30 "$PY" -m pytest -q -p no:cacheprovider tests/patch/test_prefix.py -k "gpu or flex"
 
 # issue 26's first multi-GPU evidence, before the benchmarks (which have their own deadline)
 two_gpu_step
