@@ -164,7 +164,7 @@ def test_prefix_batches_share_what_the_trainers_share():
     cases = {c.kind: c for c in H.PRESETS["prefix-cpu"].prefix_cases}
     assert (cases["grpo"].rows, cases["grpo"].seq, cases["dpo"].rows, cases["dpo"].seq) == (32, 640, 16, 384)
     assert H.PRESETS["llama3-8b"].prefix_cases == H.PRESETS["prefix-cpu"].prefix_cases
-    assert H.PRESETS["llama3-8b"].prefix_model.layers == 30 and H.PRESETS["prefix-cpu"].prefix_model.layers == 2
+    assert H.PRESETS["llama3-8b"].prefix_model.layers == 30 and H.PRESETS["prefix-cpu"].prefix_model.layers == 30
 
 
 def test_default_preset():

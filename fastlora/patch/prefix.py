@@ -48,7 +48,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from . import _bind
+from . import _bind, tree_attention
 from .prefix_plan import MIN_SAVING, CostModel, PrefixPlan, plan_batch
 
 KIND = "shared prefix"
@@ -267,7 +267,19 @@ def run_packed(dec: nn.Module, original, a: dict, plan: PrefixPlan):
     return_dict = kw.pop("return_dict", None)
     kw.update(input_ids=plan.ids, attention_mask=_masks(dec, plan, _embed_dtype(dec)), position_ids=plan.positions,
               use_cache=False, return_dict=True)
-    out = original(**kw)
+    cfg = text_config(dec)
+    lay = None
+    # Not under gradient checkpointing: its recomputation in backward runs outside this call,
+    # on plain SDPA, and must save the same tensors as the forward did.
+    checkpointing = getattr(dec, "gradient_checkpointing", False) and dec.training and torch.is_grad_enabled()
+    if (getattr(cfg, "_attn_implementation", None) == "sdpa" and plan.cap >= 2 * tree_attention.BLOCK
+            and not checkpointing):
+        lay = tree_attention.layout(plan.end)
+    if lay is not None and lay.skipped >= tree_attention.MIN_SKIPPED:
+        with tree_attention.active(cfg, lay):  # SDPA on the key blocks each query block sees
+            out = original(**kw)
+    else:
+        out = original(**kw)
     out["last_hidden_state"] = plan.unpack(out["last_hidden_state"])
     if out.get("hidden_states") is not None:
         out["hidden_states"] = tuple(plan.unpack(h) for h in out["hidden_states"])
@@ -289,7 +301,8 @@ def shared_forward(self: nn.Module, *args, **kwargs):
         if why is None and a.get("position_ids") is not None:
             why = _positions_reason(a["position_ids"], ids, mask)
         if why is None:
-            plan = plan_batch(ids, mask, ps.cost, min_saving=ps.min_saving,
+            sparse = getattr(text_config(self), "_attn_implementation", None) in ("sdpa", "flex_attention")
+            plan = plan_batch(ids, mask, dataclasses.replace(ps.cost, sparse=sparse), min_saving=ps.min_saving,
                               pad_id=int(getattr(text_config(self), "pad_token_id", None) or 0))
             if isinstance(plan, PrefixPlan):
                 ps.shared_calls += 1

@@ -45,6 +45,9 @@ import torch
 MIN_SAVING = 0.10
 # Slots per bin are rounded up to a multiple of this (aligned rows for the GPU kernels).
 ALIGN = 8
+# With a block-sparse attention, bins cost padding only, but their dense mask is cap^2:
+# bins stop growing here (a single larger tree keeps its own size).
+MAX_CAP = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class CostModel:
 
     per_token: float
     per_pair: float
+    sparse: bool = False  # attention skips the pairs of different trees (block-sparse SDPA, FlexAttention)
 
     @classmethod
     def from_config(cls, cfg) -> "CostModel":
@@ -69,8 +73,10 @@ class CostModel:
         mlp = 3 * H * inter
         return cls(per_token=float(proj + mlp), per_pair=float(2 * heads * hd))
 
-    def cost(self, rows: int, length: int) -> float:
-        return rows * length * (self.per_token + length * self.per_pair)
+    def cost(self, rows: int, length: int, causal: bool = False) -> float:
+        """Rows of ``length`` positions with dense attention (``causal``: the kernel skips
+        the upper triangle, as SDPA does for an unpadded batch)."""
+        return rows * length * (self.per_token + length * self.per_pair / (2 if causal else 1))
 
 
 @dataclasses.dataclass
@@ -177,16 +183,19 @@ def choose_bins(sizes: list[int], cost: CostModel) -> tuple[int, list[int], list
     for everything pays attention over pairs that never meet. Returns
     (capacity, bin of each component, offset, bins, cost)."""
     largest, total = max(sizes), sum(sizes)
+    limit = max(largest, MAX_CAP) if cost.sparse else total
     caps, c = [], largest
-    while c < total:
+    while c < min(total, limit):
         caps.append(c)
         c *= 2
-    caps.append(total)
+    caps.append(min(total, limit))
+    tree_pairs = sum(s * s for s in sizes)  # a block-sparse kernel: pairs within each tree only
     best = None
     for c in caps:
         c = _round_up(c)
         where, off, nb = _bins(sizes, c)
-        k = cost.cost(nb, c)
+        pairs = tree_pairs if cost.sparse else nb * c * c
+        k = nb * c * cost.per_token + pairs * cost.per_pair
         if best is None or k < best[-1]:
             best = (c, where, off, nb, k)
     return best
@@ -231,7 +240,7 @@ def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cos
     sizes_t = torch.zeros(n_comp, dtype=torch.long, device=dev).index_add_(0, comp, fresh)
     sizes = sizes_t.tolist()
     tokens_in = int(n.sum())
-    plain = cost.cost(B, L)
+    plain = cost.cost(B, L, causal=bool(n.min() == L))  # unpadded: the plain kernel is causal
     if tokens_in == 0 or max(sizes) == 0:
         return "no real token in the batch"
     cap, where, off, nb, packed = choose_bins([max(s, 1) for s in sizes], cost)

@@ -306,3 +306,60 @@ def test_flex_block_mask_states_the_tree_mask():
         got = flex_attention(q, k, v, block_mask=bm)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed(window)[:, None])
         assert rel(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_sparse_sdpa_is_exact(monkeypatch, checkpointing):
+    """SDPA on the key blocks each query block sees (tree_attention) gives the dense mask's
+    result: groups that never see each other skip their blocks. Under gradient checkpointing
+    the dense mask runs instead (the recomputation must save what the forward saved)."""
+    from fastlora.patch import tree_attention
+
+    monkeypatch.setattr(tree_attention, "BLOCK", 4)  # tiny rows: small blocks so that some are skipped
+    used = []
+    real = tree_attention.tree_attention
+
+    def spy(module, query, *a, **k):
+        used.append(tree_attention._LAYOUT.get() is not None)
+        return real(module, query, *a, **k)
+
+    monkeypatch.setattr(tree_attention, "tree_attention", spy)
+    monkeypatch.setattr(tree_attention, "_REGISTERED", False)  # register the spy
+    with float64_all_the_way():
+        shared, plain = pair("llama", "sdpa")
+        if checkpointing:
+            for m in (shared, plain):
+                m.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids, mask, labels = batch(rows_for("groups of 1 2 3") + rows_for("group of 8", seed=2), left=False)
+        compare(shared, plain, ids, mask, labels, tol=1e-10)
+    assert any(used), used  # (with checkpointing: in the eval forwards, which run no backward)
+    assert shared.config._attn_implementation == "sdpa"  # restored after every packed forward
+    monkeypatch.undo()
+    tree_attention._REGISTERED = False  # the real function again for later tests
+
+
+def test_tree_attention_layout_skips_what_no_query_sees():
+    from fastlora.patch import tree_attention
+    from fastlora.patch.prefix_plan import CostModel, plan_batch
+
+    # two groups of 4 rows: 8 prompt tokens each, responses of 4
+    rows = [([1] * 8, [2 + i] * 4) for i in range(4)] + [([3] * 8, [20 + i] * 4) for i in range(4)]
+    ids, mask, _ = batch(rows, left=False)
+    plan = plan_batch(ids, mask, CostModel(1.0, 0.0, sparse=True), min_saving=float("-inf"))
+    lay = tree_attention.layout(plan.end, block=4)
+    allowed = plan.allowed()
+    nb, C = plan.n_bins, plan.cap
+    nq = lay.index.shape[0] // nb
+    for b in range(nb):
+        for qb in range(nq):
+            row = b * nq + qb
+            keys = lay.index[row][lay.valid[row]]
+            assert bool((keys // C == b).all())  # its own bin's keys
+            kept = torch.zeros(C, dtype=torch.bool)
+            kept[keys % C] = True
+            assert not allowed[b, qb * 4:(qb + 1) * 4][:, ~kept].any()  # nothing a query sees is left out
+            m = lay.block_mask(allowed[:, None])[row, 0]
+            assert torch.equal(m[:, lay.valid[row]], allowed[b, qb * 4:(qb + 1) * 4][:, keys % C])
+    # per tree of 24 slots: 2 prompt blocks, 4 response blocks that see the prompt and
+    # themselves only (3 blocks): 6 query blocks x 12 keys of 24 x 24 pairs
+    assert lay.skipped == pytest.approx(1 - 6 * 4 * 12 / (24 * 24))
